@@ -1,0 +1,202 @@
+"""Configuration of SD-LoRA adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .registration import ensure_peft_type
+
+RR_RANK_FRACTIONS = ((4, 1.0), (8, 0.8), (None, 0.6))
+"""SD-LoRA-RR: tasks 0-3 use rank r, tasks 4-7 use 0.8 r, later tasks 0.6 r (10, 8, 6 for the paper's r = 10)."""
+
+MAGNITUDE_SHARINGS = ("global", "layer")
+DIRECTION_NORMS = ("frobenius", "factor")
+FREEZE_SCALES = ("preserve", "unit")
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+
+
+@dataclass
+class SDLoraConfig(PeftConfig):
+    """
+    Configuration of an [`SDLoraModel`]: SD-LoRA (Wu et al., ICLR 2025), decoupled magnitude/direction low-rank
+    adapters for class-incremental learning.
+
+    Each task t trains a low-rank update `B_t A_t` scaled by a magnitude `alpha_t`. `advance_task()` freezes the
+    task's direction and opens a new one; all magnitudes, old and new, keep training, so earlier directions are
+    re-weighted for later tasks:
+
+        W = W0 + sum_k alpha_k * c_k * (B_k A_k) / ||B_k A_k||
+
+    Args:
+        r (`int`):
+            Rank of each task's direction (the paper uses 10).
+        rank_schedule (`None`, `list[int]` or `"rr"`):
+            Rank by task index. `None` uses `r` for every task; a list gives the rank of task i at position i (the
+            last entry repeats); `"rr"` is SD-LoRA-RR's schedule r, r, r, r, 0.8r x4, 0.6r, ... (10,...,8,...,6 for
+            r = 10).
+        target_modules (`Optional[Union[list[str], str]]`):
+            Modules to adapt, as in PEFT's LoRA. By default the query and value projections of the model type.
+        exclude_modules (`Optional[Union[list[str], str]]`):
+            Modules never to adapt.
+        layers_to_transform (`Optional[Union[list[int], int]]`):
+            Indices of the layers to adapt (default: all).
+        layers_pattern (`Optional[Union[list[str], str]]`):
+            Name of the `nn.ModuleList` that `layers_to_transform` indexes, when PEFT cannot infer it.
+        modules_to_save (`Optional[list[str]]`):
+            Modules besides the adapters that are trained and saved, e.g. a classification head.
+        magnitude_init (`float`):
+            Initial value of every new magnitude (the paper: 1.0; its reference code: 0.8).
+        magnitude_sharing (`"global"` or `"layer"`):
+            `"global"`: one magnitude per task shared by all adapted layers (the paper). `"layer"`: one per task and
+            layer.
+        direction_norm (`"frobenius"` or `"factor"`):
+            The norm that makes a frozen direction unit: `||BA||_F` (the paper) or `||B||_F * ||A||_F` (the reference
+            code's upper bound).
+        freeze_scale (`"preserve"` or `"unit"`):
+            How `advance_task()` stores the frozen direction. `"preserve"` keeps the model's function unchanged: the
+            magnitude absorbs the update's norm (with global magnitudes a per-layer constant keeps each layer's share).
+            `"unit"` rescales every layer's update to norm `alpha`, as the reference code does; the function jumps.
+        reset_magnitudes (`bool`):
+            Reset all magnitudes to `magnitude_init` at every `advance_task()`, as the reference code does (learned
+            values are lost and the function changes). Off by default.
+        kd_threshold (`Optional[float]`):
+            SD-LoRA-KD: when set, a new direction whose least-squares fit by the earlier ones leaves a relative
+            residual `<= kd_threshold` is folded into the old magnitudes instead of being stored (the paper: 9e-4).
+        fan_in_fan_out (`bool`):
+            Set to True for layers that store weights as (in, out), such as GPT-2's `Conv1D`. Set automatically when
+            a `Conv1D` is targeted.
+        init_weights (`bool`):
+            True: `B` starts at zero, so the adapter is the identity. False: random `B` (a non-identity start, for
+            tests).
+        task_history (`list[dict]`):
+            One record per finished task (`task`, `rank`, `absorbed`, `residual`), written by `advance_task()`. It
+            defines the adapter's structure, so a saved adapter is rebuilt from `adapter_config.json` alone.
+    """
+
+    r: int = field(default=10, metadata={"help": "Rank of each task's direction."})
+    rank_schedule: Optional[Union[list[int], str]] = field(
+        default=None, metadata={"help": "Rank by task index: None (always r), a list of ranks, or 'rr'."}
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules to adapt; default: the query/value projections of the model type."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules never to adapt."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Indices of the layers to adapt."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list that layers_to_transform indexes."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules besides the adapters to train and save (e.g. the head)."}
+    )
+    magnitude_init: float = field(default=1.0, metadata={"help": "Initial value of each new magnitude."})
+    magnitude_sharing: Literal["global", "layer"] = field(
+        default="global", metadata={"help": "'global': one magnitude per task for all layers; 'layer': per layer."}
+    )
+    direction_norm: Literal["frobenius", "factor"] = field(
+        default="frobenius", metadata={"help": "'frobenius': ||BA||_F; 'factor': ||B||_F * ||A||_F."}
+    )
+    freeze_scale: Literal["preserve", "unit"] = field(
+        default="preserve",
+        metadata={"help": "'preserve': advance_task keeps the function; 'unit': reference code's rescaling."},
+    )
+    reset_magnitudes: bool = field(
+        default=False, metadata={"help": "Reset all magnitudes at each advance_task (reference code)."}
+    )
+    kd_threshold: Optional[float] = field(
+        default=None, metadata={"help": "SD-LoRA-KD residual threshold (paper: 9e-4); None disables."}
+    )
+    fan_in_fan_out: bool = field(default=False, metadata={"help": "True for (in, out) weights such as Conv1D."})
+    init_weights: bool = field(default=True, metadata={"help": "True: identity at init; False: random B."})
+    task_history: list[dict] = field(
+        default_factory=list, metadata={"help": "Records of finished tasks, written by advance_task()."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = ensure_peft_type()
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._validate()
+
+    def _validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"`r` must be a positive integer, got {self.r!r}.")
+        if isinstance(self.rank_schedule, str):
+            _check_choice("rank_schedule", self.rank_schedule, ("rr",))
+        elif self.rank_schedule is not None:
+            if not self.rank_schedule or not all(
+                isinstance(rank, int) and not isinstance(rank, bool) and rank > 0 for rank in self.rank_schedule
+            ):
+                raise ValueError(
+                    f"`rank_schedule` must be None, 'rr' or a non-empty list of positive integers, "
+                    f"got {self.rank_schedule!r}."
+                )
+        if not isinstance(self.magnitude_init, (int, float)) or isinstance(self.magnitude_init, bool):
+            raise ValueError(f"`magnitude_init` must be a number, got {self.magnitude_init!r}.")
+        _check_choice("magnitude_sharing", self.magnitude_sharing, MAGNITUDE_SHARINGS)
+        _check_choice("direction_norm", self.direction_norm, DIRECTION_NORMS)
+        _check_choice("freeze_scale", self.freeze_scale, FREEZE_SCALES)
+        if self.kd_threshold is not None and (
+            not isinstance(self.kd_threshold, (int, float)) or isinstance(self.kd_threshold, bool) or self.kd_threshold < 0
+        ):
+            raise ValueError(f"`kd_threshold` must be None or a number >= 0, got {self.kd_threshold!r}.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("`layers_pattern` needs `layers_to_transform`.")
+        _check_task_history(self.task_history)
+
+    def rank_for_task(self, task: int) -> int:
+        """The rank of task `task`'s direction (0-based task index)."""
+        if self.rank_schedule is None:
+            return self.r
+        if self.rank_schedule == "rr":
+            for end, fraction in RR_RANK_FRACTIONS:
+                if end is None or task < end:
+                    return max(1, round(self.r * fraction))
+        return self.rank_schedule[min(task, len(self.rank_schedule) - 1)]
+
+    @property
+    def current_task(self) -> int:
+        """0-based index of the task being trained now."""
+        return len(self.task_history)
+
+    @property
+    def frozen_ranks(self) -> list[int]:
+        """Ranks of the stored (not absorbed) frozen directions, oldest first."""
+        return [record["rank"] for record in self.task_history if not record["absorbed"]]
+
+
+_TASK_RECORD_KEYS = {"task", "rank", "absorbed", "residual"}
+
+
+def _check_task_history(history: object) -> None:
+    """Reject a task history that cannot describe an adapter, before any layer is built from it."""
+    if not isinstance(history, list):
+        raise ValueError(f"`task_history` must be a list of task records, got {type(history).__name__}.")
+    for index, record in enumerate(history):
+        if not isinstance(record, dict) or set(record) != _TASK_RECORD_KEYS:
+            raise ValueError(
+                f"`task_history[{index}]` must be a dict with exactly the keys {sorted(_TASK_RECORD_KEYS)}, "
+                f"got {record!r}."
+            )
+        if record["task"] != index:
+            raise ValueError(f"`task_history[{index}]` has task index {record['task']!r}; tasks must be 0, 1, 2, ...")
+        rank = record["rank"]
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise ValueError(f"`task_history[{index}]['rank']` must be a positive integer, got {rank!r}.")
+        if not isinstance(record["absorbed"], bool):
+            raise ValueError(f"`task_history[{index}]['absorbed']` must be true or false, got {record['absorbed']!r}.")

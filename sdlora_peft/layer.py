@@ -1,0 +1,254 @@
+"""SD-LoRA layers: a frozen base layer plus, per adapter, the current task's direction and all frozen ones.
+
+Per adapter a layer holds
+- `sdlora_A` / `sdlora_B`: the current task's factors (trainable), applied raw as `alpha_t * B A` so that a
+  zero `B` is the identity at init (a unit direction `BA / ||BA||` is 0/0 there);
+- `sdlora_frozen_A` / `sdlora_frozen_B`: every frozen direction's factors, concatenated (buffers: never trained);
+- `sdlora_frozen_scale`: one float per frozen direction, its `c / ||B A||`, fixed at freeze time, so no norm is
+  computed during training;
+- the magnitudes `alpha_1..alpha_t`: in `sdlora_magnitude` with per-layer magnitudes, or shared by every layer
+  and owned by the `SDLoraModel` with global magnitudes.
+
+All frozen directions cost one extra low-rank product per layer, whatever their number:
+`x -> (x A_cat^T) * (alpha * scale)[column's task] -> B_cat`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from torch.nn import functional as F
+from transformers.pytorch_utils import Conv1D
+
+from . import lowrank
+
+
+class SDLoraLayer(BaseTunerLayer):
+    """The adapter state and math shared by all SD-LoRA layer types."""
+
+    adapter_layer_names = ("sdlora_A", "sdlora_B", "sdlora_magnitude")
+    other_param_names = (
+        "r",
+        "sdlora_frozen_ranks",
+        "sdlora_frozen_A",
+        "sdlora_frozen_B",
+        "sdlora_frozen_scale",
+        "sdlora_frozen_index",
+    )
+
+    def __init__(self, base_layer: nn.Module, shared_magnitude: nn.ParameterDict, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.sdlora_frozen_ranks: dict[str, list[int]] = {}
+        self.sdlora_A = nn.ParameterDict({})
+        self.sdlora_B = nn.ParameterDict({})
+        self.sdlora_magnitude = nn.ParameterDict({})
+        self.sdlora_frozen_A = BufferDict({}, persistent=True)
+        self.sdlora_frozen_B = BufferDict({}, persistent=True)
+        self.sdlora_frozen_scale = BufferDict({}, persistent=True)
+        self.sdlora_frozen_index = BufferDict({}, persistent=False)  # column -> frozen direction, rebuilt from ranks
+        # Global magnitudes live on the SDLoraModel; keep a plain reference so they are not registered twice.
+        self.__dict__["_shared_magnitude"] = shared_magnitude
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            self.in_features, self.out_features = base.in_features, base.out_features
+        elif isinstance(base, Conv1D):
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            raise TypeError(f"SD-LoRA supports torch.nn.Linear and transformers Conv1D, not {type(base).__name__}.")
+        self.fan_in_fan_out = isinstance(base, Conv1D)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Building
+    # ----------------------------------------------------------------------------------------------------------
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        rank: int,
+        frozen_ranks: list[int],
+        magnitude_init: float,
+        per_layer_magnitude: bool,
+        init_weights: bool,
+        inference_mode: bool = False,
+    ) -> None:
+        """Create the adapter's tensors with the structure its task history describes (values come from training
+        or from a checkpoint)."""
+        self._open_direction(adapter_name, rank, init_weights, requires_grad=True)
+        if per_layer_magnitude:
+            self.sdlora_magnitude[adapter_name] = nn.Parameter(torch.full((len(frozen_ranks) + 1,), magnitude_init))
+        if frozen_ranks:
+            total = sum(frozen_ranks)
+            self.sdlora_frozen_A[adapter_name] = torch.zeros(total, self.in_features)
+            self.sdlora_frozen_B[adapter_name] = torch.zeros(self.out_features, total)
+            self.sdlora_frozen_scale[adapter_name] = torch.zeros(len(frozen_ranks))
+        self._set_frozen_ranks(adapter_name, frozen_ranks)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _open_direction(self, adapter_name: str, rank: int, init_weights: bool, requires_grad: bool) -> None:
+        """New factors for the current task: kaiming `A`, zero `B` (identity) or, for tests, random `B`."""
+        reference = self.sdlora_A[adapter_name] if adapter_name in self.sdlora_A else None
+        factory = {"dtype": reference.dtype, "device": reference.device} if reference is not None else {}
+        A = torch.empty(rank, self.in_features, **factory)
+        B = torch.empty(self.out_features, rank, **factory)
+        nn.init.kaiming_uniform_(A, a=5**0.5)
+        if init_weights:
+            nn.init.zeros_(B)
+        else:
+            nn.init.normal_(B, std=1.0 / rank)
+        self.r[adapter_name] = rank
+        self.sdlora_A[adapter_name] = nn.Parameter(A, requires_grad=requires_grad)
+        self.sdlora_B[adapter_name] = nn.Parameter(B, requires_grad=requires_grad)
+
+    def _set_frozen_ranks(self, adapter_name: str, frozen_ranks: list[int]) -> None:
+        self.sdlora_frozen_ranks[adapter_name] = list(frozen_ranks)
+        if frozen_ranks:
+            device = self.sdlora_A[adapter_name].device
+            index = torch.repeat_interleave(torch.arange(len(frozen_ranks)), torch.tensor(frozen_ranks))
+            self.sdlora_frozen_index[adapter_name] = index.to(device)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Math
+    # ----------------------------------------------------------------------------------------------------------
+
+    def magnitude(self, adapter_name: str) -> torch.Tensor:
+        """Magnitudes `alpha_1..alpha_t` of the adapter (the last one belongs to the current task)."""
+        if adapter_name in self.sdlora_magnitude:
+            return self.sdlora_magnitude[adapter_name]
+        return self._shared_magnitude[adapter_name]
+
+    def _frozen_column_scales(self, adapter_name: str, magnitude: torch.Tensor) -> torch.Tensor:
+        """One factor per frozen column: `alpha_k * c_k / ||B_k A_k||` of the direction the column belongs to."""
+        per_direction = magnitude[:-1] * self.sdlora_frozen_scale[adapter_name]
+        return per_direction[self.sdlora_frozen_index[adapter_name]]
+
+    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        A, B = self.sdlora_A[adapter_name], self.sdlora_B[adapter_name]
+        x = self._cast_input_dtype(x, A.dtype)
+        magnitude = self.magnitude(adapter_name).to(A.dtype)
+        output = F.linear(F.linear(x, A) * magnitude[-1], B)
+        if adapter_name in self.sdlora_frozen_A:
+            column_scales = self._frozen_column_scales(adapter_name, magnitude)
+            hidden = F.linear(x, self.sdlora_frozen_A[adapter_name]) * column_scales
+            output = output + F.linear(hidden, self.sdlora_frozen_B[adapter_name])
+        return output
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's dense update of the base weight, in float32 and in the base weight's layout."""
+        magnitude = self.magnitude(adapter_name).float()
+        A, B = self.sdlora_A[adapter_name].float(), self.sdlora_B[adapter_name].float()
+        delta = magnitude[-1] * (B @ A)
+        if adapter_name in self.sdlora_frozen_A:
+            column_scales = self._frozen_column_scales(adapter_name, magnitude)
+            frozen_B = self.sdlora_frozen_B[adapter_name].float() * column_scales
+            delta = delta + frozen_B @ self.sdlora_frozen_A[adapter_name].float()
+        return delta.T if self.fan_in_fan_out else delta
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Task boundary (driven by SDLoraModel.advance_task)
+    # ----------------------------------------------------------------------------------------------------------
+
+    def current_norm(self, adapter_name: str, kind: str) -> torch.Tensor:
+        """Norm of the current task's raw direction `B A` (float32)."""
+        return lowrank.direction_norm(self.sdlora_B[adapter_name].detach(), self.sdlora_A[adapter_name].detach(), kind)
+
+    def gram_with_current(self, adapter_name: str, current_scale: float) -> torch.Tensor:
+        """Float64 Gram matrix of the frozen directions and the current one, each with its scale."""
+        A, B = self.sdlora_A[adapter_name].detach(), self.sdlora_B[adapter_name].detach()
+        ranks = self.sdlora_frozen_ranks[adapter_name] + [self.r[adapter_name]]
+        scales = torch.tensor([current_scale], dtype=torch.float64, device=A.device)
+        if adapter_name in self.sdlora_frozen_A:
+            A = torch.cat([self.sdlora_frozen_A[adapter_name], A])
+            B = torch.cat([self.sdlora_frozen_B[adapter_name], B], dim=1)
+            scales = torch.cat([self.sdlora_frozen_scale[adapter_name].to(torch.float64), scales])
+        return lowrank.gram_matrix(B, A, ranks, scales)
+
+    def freeze_current(self, adapter_name: str, scale: float) -> None:
+        """Append the current direction to the frozen ones, with its fixed scale."""
+        A, B = self.sdlora_A[adapter_name].detach(), self.sdlora_B[adapter_name].detach()
+        scale_tensor = torch.tensor([scale], dtype=A.dtype, device=A.device)
+        if adapter_name in self.sdlora_frozen_A:
+            A = torch.cat([self.sdlora_frozen_A[adapter_name], A])
+            B = torch.cat([self.sdlora_frozen_B[adapter_name], B], dim=1)
+            scale_tensor = torch.cat([self.sdlora_frozen_scale[adapter_name], scale_tensor])
+        self.sdlora_frozen_A[adapter_name] = A.clone()
+        self.sdlora_frozen_B[adapter_name] = B.clone()
+        self.sdlora_frozen_scale[adapter_name] = scale_tensor
+        self._set_frozen_ranks(adapter_name, self.sdlora_frozen_ranks[adapter_name] + [self.r[adapter_name]])
+
+    def open_task(self, adapter_name: str, rank: int, init_weights: bool, magnitude: Optional[torch.Tensor]) -> None:
+        """Start the next task: fresh factors of `rank`; with per-layer magnitudes, the new magnitude vector."""
+        requires_grad = self.sdlora_A[adapter_name].requires_grad
+        self._open_direction(adapter_name, rank, init_weights, requires_grad)
+        if magnitude is not None:
+            self.sdlora_magnitude[adapter_name] = nn.Parameter(magnitude, requires_grad=requires_grad)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Merging
+    # ----------------------------------------------------------------------------------------------------------
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the active adapters' updates to the base weight (`safe_merge` checks for non-finite values first)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base_layer = self.get_base_layer()
+        for adapter_name in adapter_names:
+            if adapter_name not in self.sdlora_A:
+                continue
+            delta = self.get_delta_weight(adapter_name)
+            with torch.no_grad():
+                merged = base_layer.weight.float() + delta
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"Merging adapter '{adapter_name}' gives non-finite weights; nothing was merged.")
+                base_layer.weight.data = merged.to(base_layer.weight.dtype)
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's update from the base weight again."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base_layer = self.get_base_layer()
+        while self.merged_adapters:
+            adapter_name = self.merged_adapters.pop()
+            if adapter_name in self.sdlora_A:
+                with torch.no_grad():
+                    restored = base_layer.weight.float() - self.get_delta_weight(adapter_name)
+                    base_layer.weight.data = restored.to(base_layer.weight.dtype)
+
+
+class SDLoraLinear(nn.Module, SDLoraLayer):
+    """SD-LoRA around a `torch.nn.Linear` or a transformers `Conv1D`."""
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, shared_magnitude: nn.ParameterDict, **kwargs: Any
+    ) -> None:
+        super().__init__()
+        SDLoraLayer.__init__(self, base_layer, shared_magnitude)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter_name in self.active_adapters:
+            if adapter_name in self.sdlora_A:
+                result = result + self._adapter_output(x, adapter_name).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "sdlora." + super().__repr__()

@@ -1,0 +1,69 @@
+"""Low-rank math of SD-LoRA on factors, without ever forming a dense out x in matrix.
+
+A direction is a product `B @ A` with `B: out x r` and `A: r x in`. Several directions are kept side by side as
+concatenated factors (`B: out x R`, `A: R x in`, `R` the sum of their ranks). Every quantity here goes through
+`r x r` (or `R x R`) products: `<B_j A_j, B_k A_k>_F = trace((B_j^T B_k)(A_k A_j^T))`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def frobenius_norm(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """`||B @ A||_F` in float32 (or float64 if given), via `trace((B^T B)(A A^T))`."""
+    B, A = _upcast(B), _upcast(A)
+    squared = ((B.T @ B) * (A @ A.T)).sum()
+    return squared.clamp_min(0).sqrt()
+
+
+def factor_norm(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """`||B||_F * ||A||_F`, the reference code's upper bound of `||B @ A||_F`."""
+    return torch.linalg.vector_norm(_upcast(B)) * torch.linalg.vector_norm(_upcast(A))
+
+
+def direction_norm(B: torch.Tensor, A: torch.Tensor, kind: str) -> torch.Tensor:
+    """The norm named by `SDLoraConfig.direction_norm`: "frobenius" or "factor"."""
+    if kind == "frobenius":
+        return frobenius_norm(B, A)
+    if kind == "factor":
+        return factor_norm(B, A)
+    raise ValueError(f"Unknown direction norm {kind!r}; use 'frobenius' or 'factor'.")
+
+
+def gram_matrix(B: torch.Tensor, A: torch.Tensor, ranks: list[int], scales: torch.Tensor) -> torch.Tensor:
+    """Gram matrix `G_jk = <s_j B_j A_j, s_k B_k A_k>_F` of directions stored as concatenated factors.
+
+    `ranks[k]` is the number of columns of `B` (rows of `A`) that belong to direction k; `scales[k]` is `s_k`.
+    Computed in the dtype of `scales` (pass float64 for least-squares fits near a threshold).
+    """
+    dtype = scales.dtype
+    B, A = B.to(dtype), A.to(dtype)
+    entrywise = (B.T @ B) * (A @ A.T)  # R x R; A A^T is symmetric, so this is P_ab * Q_ba
+    membership = _membership(ranks, dtype, B.device)  # R x T
+    return (membership.T @ entrywise @ membership) * torch.outer(scales, scales)
+
+
+def least_squares_fit(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Fit the last direction by the others: `c = argmin ||D_T - sum_k c_k D_k||_F`, from their Gram matrix alone.
+
+    Returns the coefficients (one per earlier direction) and the residual norm relative to `||D_T||_F`, which is
+    the paper's residual when the directions have unit norm. The pseudo-inverse copes with dependent or zero
+    directions. A zero target is fitted exactly by zero coefficients.
+    """
+    old, cross, target = gram[:-1, :-1], gram[:-1, -1], gram[-1, -1]
+    coefficients = torch.linalg.pinv(old, hermitian=True) @ cross
+    if target <= 0:
+        return torch.zeros_like(cross), 0.0
+    residual_squared = (target - cross @ coefficients).clamp_min(0)
+    return coefficients, float((residual_squared / target).sqrt())
+
+
+def _membership(ranks: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`R x T` indicator: column k is 1 on the rows that belong to direction k."""
+    owner = torch.repeat_interleave(torch.arange(len(ranks), device=device), torch.tensor(ranks, device=device))
+    return torch.nn.functional.one_hot(owner, num_classes=len(ranks)).to(dtype)
+
+
+def _upcast(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.dtype == torch.float64 else tensor.float()

@@ -1,0 +1,307 @@
+"""SDLoraModel: injects SD-LoRA layers into a model and moves adapters from one task to the next."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Optional, Union
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from . import lowrank
+from .config import SDLoraConfig
+from .layer import SDLoraLayer, SDLoraLinear
+
+_VISION_QUERY_VALUE = ["q_proj", "v_proj", "query", "value"]  # transformers >= 5 and < 5 names
+_VISION_MODEL_TYPES = (
+    "vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit", "swin", "swinv2", "beit", "data2vec-vision",
+    "vit_mae", "vit_msn", "vit_hybrid", "yolos", "clip", "clip_vision_model", "siglip", "siglip_vision_model",
+    "siglip2", "siglip2_vision_model",
+)  # fmt: skip
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    **{model_type: _VISION_QUERY_VALUE for model_type in _VISION_MODEL_TYPES},
+}
+"""Default `target_modules` by `config.model_type`: the query and value projections, as in the paper."""
+
+EMPTY_NORM = 1e-10
+"""A direction whose norm is below this at `advance_task()` is treated as zero (it changes no weight measurably)."""
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """What `advance_task()` did with the finished task's direction.
+
+    `absorbed` is True when the direction was not stored: SD-LoRA-KD folded it into the earlier magnitudes
+    (`residual <= kd_threshold`), or it was zero (never trained) and so contributed nothing. `residual` is the
+    relative least-squares residual of its fit by the earlier directions, or None when no fit was made.
+    """
+
+    task: int
+    rank: int
+    absorbed: bool
+    residual: Optional[float]
+
+
+class SDLoraModel(BaseTuner):
+    """
+    Creates an SD-LoRA model (Wu et al., "SD-LoRA: Scalable Decoupled Low-Rank Adaptation for Class Incremental
+    Learning", ICLR 2025) from a transformers or plain torch model.
+
+    Use it through `peft.get_peft_model(model, SDLoraConfig(...))` after `import sdlora_peft`. Train a task, call
+    `advance_task()`, train the next one.
+
+    Args:
+        model ([`torch.nn.Module`]): The model to adapt.
+        config ([`SDLoraConfig`]): The SD-LoRA configuration.
+        adapter_name (`str`): The adapter's name, `"default"` by default.
+
+    Attributes:
+        sdlora_magnitude (`nn.ParameterDict`): Per adapter with global magnitude sharing, the magnitudes of all
+            tasks, shared by every adapted layer.
+    """
+
+    prefix: str = "sdlora_"
+    tuner_layer_cls = SDLoraLayer
+    target_module_mapping = DEFAULT_TARGET_MODULES
+    uses_shared_state: bool = True  # the global magnitudes
+
+    def _pre_injection_hook(self, model: nn.Module, config: SDLoraConfig, adapter_name: str) -> None:
+        if not hasattr(self, "sdlora_magnitude"):
+            self.sdlora_magnitude = nn.ParameterDict({})
+        if config.magnitude_sharing == "global":
+            device = next(model.parameters()).device
+            values = torch.full((len(config.frozen_ranks) + 1,), float(config.magnitude_init), device=device)
+            self.sdlora_magnitude[adapter_name] = nn.Parameter(values)
+
+    def _prepare_adapter_config(self, peft_config: SDLoraConfig, model_config: dict) -> SDLoraConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in self.target_module_mapping:
+                raise ValueError(
+                    f"SD-LoRA has no default target modules for model type {model_type!r}. Pass "
+                    "`target_modules`, e.g. SDLoraConfig(target_modules=['q_proj', 'v_proj'])."
+                )
+            peft_config.target_modules = set(self.target_module_mapping[model_type])
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        config: SDLoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs,
+    ) -> None:
+        kwargs = {
+            "rank": config.rank_for_task(config.current_task),
+            "frozen_ranks": config.frozen_ranks,
+            "magnitude_init": float(config.magnitude_init),
+            "per_layer_magnitude": config.magnitude_sharing == "layer",
+            "init_weights": config.init_weights,
+            "inference_mode": config.inference_mode,
+        }
+        if isinstance(target, SDLoraLayer):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, (nn.Linear, Conv1D)):
+            raise TypeError(
+                f"Target module {current_key!r} is a {type(base).__name__}; SD-LoRA supports torch.nn.Linear and "
+                "transformers Conv1D. Change `target_modules` to select only those."
+            )
+        config.fan_in_fan_out = isinstance(base, Conv1D)
+        new_module = SDLoraLinear(target, adapter_name, self.sdlora_magnitude, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until it is activated
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Adapter bookkeeping for the model-level (global) magnitudes
+    # ----------------------------------------------------------------------------------------------------------
+
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        active = {adapter_name} if isinstance(adapter_name, str) else set(adapter_name)
+        for name, magnitude in self.sdlora_magnitude.items():
+            magnitude.requires_grad_(name in active and not inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if adapter_name in self.sdlora_magnitude:
+            del self.sdlora_magnitude[adapter_name]
+
+    def _layers(self, adapter_name: str) -> list[SDLoraLayer]:
+        return [m for m in self.model.modules() if isinstance(m, SDLoraLayer) and adapter_name in m.sdlora_A]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Tasks
+    # ----------------------------------------------------------------------------------------------------------
+
+    def advance_task(self, adapter_name: Optional[str] = None) -> TaskRecord:
+        """Freeze the current task's direction and open the next task's direction and magnitude.
+
+        With `freeze_scale="preserve"` (default) the model's function is unchanged. With `kd_threshold` set, a
+        direction that the earlier ones reproduce up to that relative residual is folded into their magnitudes
+        instead of being stored (SD-LoRA-KD). A direction that is still zero (never trained) is dropped with a
+        warning. The trainable parameters are new objects afterwards: build a new optimizer for the next task.
+
+        Returns:
+            [`TaskRecord`]: the finished task's index, rank, whether it was absorbed, and the fit's residual.
+        """
+        adapter_name = self._resolve_adapter(adapter_name)
+        config: SDLoraConfig = self.peft_config[adapter_name]
+        layers = self._layers(adapter_name)
+        with torch.no_grad():
+            record, magnitudes = self._finish_task(adapter_name, config, layers)
+            if config.reset_magnitudes:
+                magnitudes = torch.full_like(magnitudes, float(config.magnitude_init))
+            opened = torch.full((*magnitudes.shape[:-1], 1), float(config.magnitude_init), dtype=magnitudes.dtype)
+            magnitudes = torch.cat([magnitudes, opened.to(magnitudes.device)], dim=-1)
+        config.task_history.append(asdict(record))
+        self._open_next_task(adapter_name, config, layers, magnitudes)
+        return record
+
+    def _resolve_adapter(self, adapter_name: Optional[str]) -> str:
+        if adapter_name is None:
+            if len(self.active_adapters) != 1:
+                raise ValueError(
+                    f"Several adapters are active ({self.active_adapters}); pass advance_task(adapter_name=...)."
+                )
+            adapter_name = self.active_adapters[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Unknown adapter {adapter_name!r}; this model has {sorted(self.peft_config)}.")
+        if not isinstance(self.peft_config[adapter_name], SDLoraConfig):
+            raise ValueError(f"Adapter {adapter_name!r} is not an SD-LoRA adapter.")
+        layers = self._layers(adapter_name)
+        if not layers:
+            raise ValueError(f"Adapter {adapter_name!r} has no SD-LoRA layers in this model.")
+        if any(adapter_name in layer.merged_adapters for layer in layers):
+            raise ValueError(
+                f"Adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() before "
+                "advance_task()."
+            )
+        return adapter_name
+
+    def _magnitudes(self, adapter_name: str, layers: list[SDLoraLayer]) -> torch.Tensor:
+        """Current magnitudes: shape (T,) when global, (layers, T) when per layer."""
+        if adapter_name in self.sdlora_magnitude:
+            return self.sdlora_magnitude[adapter_name].detach().float().clone()
+        return torch.stack([layer.sdlora_magnitude[adapter_name].detach().float() for layer in layers])
+
+    def _finish_task(
+        self, adapter_name: str, config: SDLoraConfig, layers: list[SDLoraLayer]
+    ) -> tuple[TaskRecord, torch.Tensor]:
+        """Decide what happens to the current direction; return the record and the magnitudes of the kept
+        directions (the current one last if it is kept)."""
+        task, rank = config.current_task, layers[0].r[adapter_name]
+        per_layer = config.magnitude_sharing == "layer"
+        magnitudes = self._magnitudes(adapter_name, layers)
+        norms = torch.stack([layer.current_norm(adapter_name, config.direction_norm) for layer in layers]).cpu()
+        live = norms > EMPTY_NORM
+        if not live.any():
+            warnings.warn(
+                f"Task {task}'s direction of adapter {adapter_name!r} is zero (was it trained?); it is dropped and "
+                "adds no parameters."
+            )
+            return TaskRecord(task, rank, absorbed=True, residual=0.0), magnitudes[..., :-1]
+
+        scales, current = self._freeze_scales(config, norms, live, magnitudes[..., -1])
+        residual = None
+        if config.kd_threshold is not None and layers[0].sdlora_frozen_ranks[adapter_name]:
+            coefficients, residual = self._fit_by_frozen(adapter_name, layers, scales, per_layer)
+            if residual <= config.kd_threshold:
+                old = magnitudes[..., :-1] + current.unsqueeze(-1) * coefficients.to(magnitudes.dtype)
+                return TaskRecord(task, rank, absorbed=True, residual=residual), old
+        for layer, scale in zip(layers, scales.tolist()):
+            layer.freeze_current(adapter_name, scale)
+        magnitudes[..., -1] = current
+        return TaskRecord(task, rank, absorbed=False, residual=residual), magnitudes
+
+    @staticmethod
+    def _freeze_scales(
+        config: SDLoraConfig, norms: torch.Tensor, live: torch.Tensor, magnitude: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-layer scale `c / n` of the frozen direction, and the task's magnitude after freezing.
+
+        "preserve": the frozen update `alpha' * scale * B A` equals the trained `alpha * B A`. With per-layer
+        magnitudes each layer's magnitude absorbs its own norm (`c = 1`); with a global one it absorbs the layers'
+        root-mean-square norm m, and `c_l = n_l / m` keeps every layer's share. "unit": `c = 1` and alpha stays.
+        Zero layers get scale 0: their `B A` is zero anyway.
+        """
+        safe_norms = torch.where(live, norms, torch.ones_like(norms))
+        if config.freeze_scale == "unit":
+            return torch.where(live, 1 / safe_norms, 0.0), magnitude
+        if config.magnitude_sharing == "layer":
+            return torch.where(live, 1 / safe_norms, 0.0), magnitude * torch.where(live, norms, 1.0)
+        rms = norms[live].square().mean().sqrt()
+        return torch.where(live, 1 / rms, 0.0), magnitude * rms
+
+    @staticmethod
+    def _fit_by_frozen(
+        adapter_name: str, layers: list[SDLoraLayer], scales: torch.Tensor, per_layer: bool
+    ) -> tuple[torch.Tensor, float]:
+        """SD-LoRA-KD's least-squares fit of the new direction by the frozen ones, from Gram matrices only.
+
+        Global magnitudes: one joint fit over all layers (one coefficient vector). Per-layer magnitudes: one fit
+        per layer; the residual reported is the worst layer's, so either every layer absorbs the task or none.
+        """
+        grams = [layer.gram_with_current(adapter_name, scale) for layer, scale in zip(layers, scales.tolist())]
+        if not per_layer:
+            coefficients, residual = lowrank.least_squares_fit(torch.stack(grams).sum(0))
+            return coefficients.cpu(), residual
+        fits = [lowrank.least_squares_fit(gram) for gram in grams]
+        return torch.stack([c.cpu() for c, _ in fits]), max(residual for _, residual in fits)
+
+    def _open_next_task(
+        self, adapter_name: str, config: SDLoraConfig, layers: list[SDLoraLayer], magnitudes: torch.Tensor
+    ) -> None:
+        rank = config.rank_for_task(config.current_task)
+        if adapter_name in self.sdlora_magnitude:
+            old = self.sdlora_magnitude[adapter_name]
+            values = magnitudes.to(device=old.device, dtype=old.dtype)
+            self.sdlora_magnitude[adapter_name] = nn.Parameter(values, requires_grad=old.requires_grad)
+            for layer in layers:
+                layer.open_task(adapter_name, rank, config.init_weights, magnitude=None)
+            return
+        for layer, values in zip(layers, magnitudes):
+            old = layer.sdlora_magnitude[adapter_name]
+            layer.open_task(adapter_name, rank, config.init_weights, values.to(device=old.device, dtype=old.dtype))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Loading
+    # ----------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: SDLoraConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Map checkpoint keys to the model and refuse, before anything is loaded, weights whose shapes or keys
+        do not match the adapter's task history."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        expected = {k: v.shape for k, v in model.state_dict().items() if _is_sdlora_key(k, adapter_name)}
+        problems = [f"missing {key}" for key in expected if key not in remapped]
+        problems += [
+            f"{key}: checkpoint {tuple(remapped[key].shape)}, expected {tuple(shape)}"
+            for key, shape in expected.items()
+            if key in remapped and remapped[key].shape != shape
+        ]
+        if problems:
+            raise ValueError(
+                f"The SD-LoRA weights do not match the task history in adapter_config.json "
+                f"({len(config.task_history)} finished tasks, frozen ranks {config.frozen_ranks}, current rank "
+                f"{config.rank_for_task(config.current_task)}), or were made for another base model. "
+                f"Nothing was loaded. First problems: {problems[:5]}"
+            )
+        return remapped
+
+
+def _is_sdlora_key(key: str, adapter_name: str) -> bool:
+    parts = key.split(".")
+    return len(parts) >= 2 and parts[-1] == adapter_name and parts[-2].startswith("sdlora_")
