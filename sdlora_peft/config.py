@@ -74,7 +74,7 @@ class SDLoraConfig(PeftConfig):
             a `Conv1D` is targeted.
         init_weights (`bool`):
             True: `B` starts at zero, so the adapter is the identity. False: random `B` (a non-identity start, for
-            tests).
+            tests). Directions opened by `advance_task()` always start at zero, so that it keeps the function.
         task_history (`list[dict]`):
             One record per finished task (`task`, `rank`, `absorbed`, `residual`), written by `advance_task()`. It
             defines the adapter's structure, so a saved adapter is rebuilt from `adapter_config.json` alone.

@@ -186,10 +186,11 @@ class SDLoraLayer(BaseTunerLayer):
         self.sdlora_frozen_scale[adapter_name] = scale_tensor
         self._set_frozen_ranks(adapter_name, self.sdlora_frozen_ranks[adapter_name] + [self.r[adapter_name]])
 
-    def open_task(self, adapter_name: str, rank: int, init_weights: bool, magnitude: Optional[torch.Tensor]) -> None:
-        """Start the next task: fresh factors of `rank`; with per-layer magnitudes, the new magnitude vector."""
+    def open_task(self, adapter_name: str, rank: int, magnitude: Optional[torch.Tensor]) -> None:
+        """Start the next task: fresh factors of `rank` with a zero `B`, so the function does not change; with
+        per-layer magnitudes, also the new magnitude vector."""
         requires_grad = self.sdlora_A[adapter_name].requires_grad
-        self._open_direction(adapter_name, rank, init_weights, requires_grad)
+        self._open_direction(adapter_name, rank, init_weights=True, requires_grad=requires_grad)
         if magnitude is not None:
             self.sdlora_magnitude[adapter_name] = nn.Parameter(magnitude, requires_grad=requires_grad)
 

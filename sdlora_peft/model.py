@@ -204,6 +204,11 @@ class SDLoraModel(BaseTuner):
         per_layer = config.magnitude_sharing == "layer"
         magnitudes = self._magnitudes(adapter_name, layers)
         norms = torch.stack([layer.current_norm(adapter_name, config.direction_norm) for layer in layers]).cpu()
+        if not torch.isfinite(norms).all():
+            raise ValueError(
+                f"Task {task}'s direction of adapter {adapter_name!r} has non-finite values (training diverged?); "
+                "nothing was changed. Lower the learning rate or train the adapter in float32."
+            )
         live = norms > EMPTY_NORM
         if not live.any():
             warnings.warn(
@@ -268,11 +273,11 @@ class SDLoraModel(BaseTuner):
             values = magnitudes.to(device=old.device, dtype=old.dtype)
             self.sdlora_magnitude[adapter_name] = nn.Parameter(values, requires_grad=old.requires_grad)
             for layer in layers:
-                layer.open_task(adapter_name, rank, config.init_weights, magnitude=None)
+                layer.open_task(adapter_name, rank, magnitude=None)
             return
         for layer, values in zip(layers, magnitudes):
             old = layer.sdlora_magnitude[adapter_name]
-            layer.open_task(adapter_name, rank, config.init_weights, values.to(device=old.device, dtype=old.dtype))
+            layer.open_task(adapter_name, rank, values.to(device=old.device, dtype=old.dtype))
 
     # ----------------------------------------------------------------------------------------------------------
     # Loading
