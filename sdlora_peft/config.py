@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -15,6 +15,14 @@ RR_RANK_FRACTIONS = ((4, 1.0), (8, 0.8), (None, 0.6))
 MAGNITUDE_SHARINGS = ("global", "layer")
 DIRECTION_NORMS = ("frobenius", "factor")
 FREEZE_SCALES = ("preserve", "unit")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -81,22 +89,20 @@ class SDLoraConfig(PeftConfig):
     """
 
     r: int = field(default=10, metadata={"help": "Rank of each task's direction."})
-    rank_schedule: Optional[Union[list[int], str]] = field(
+    rank_schedule: list[int] | str | None = field(
         default=None, metadata={"help": "Rank by task index: None (always r), a list of ranks, or 'rr'."}
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Modules to adapt; default: the query/value projections of the model type."}
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Modules never to adapt."}
-    )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules never to adapt."})
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Indices of the layers to adapt."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list that layers_to_transform indexes."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules besides the adapters to train and save (e.g. the head)."}
     )
     magnitude_init: float = field(default=1.0, metadata={"help": "Initial value of each new magnitude."})
@@ -113,7 +119,7 @@ class SDLoraConfig(PeftConfig):
     reset_magnitudes: bool = field(
         default=False, metadata={"help": "Reset all magnitudes at each advance_task (reference code)."}
     )
-    kd_threshold: Optional[float] = field(
+    kd_threshold: float | None = field(
         default=None, metadata={"help": "SD-LoRA-KD residual threshold (paper: 9e-4); None disables."}
     )
     fan_in_fan_out: bool = field(default=False, metadata={"help": "True for (in, out) weights such as Conv1D."})
@@ -132,26 +138,26 @@ class SDLoraConfig(PeftConfig):
         self._validate()
 
     def _validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+        if not _is_positive_int(self.r):
             raise ValueError(f"`r` must be a positive integer, got {self.r!r}.")
         if isinstance(self.rank_schedule, str):
             _check_choice("rank_schedule", self.rank_schedule, ("rr",))
         elif self.rank_schedule is not None:
-            if not self.rank_schedule or not all(
-                isinstance(rank, int) and not isinstance(rank, bool) and rank > 0 for rank in self.rank_schedule
+            if (
+                not isinstance(self.rank_schedule, list)
+                or not self.rank_schedule
+                or not all(_is_positive_int(rank) for rank in self.rank_schedule)
             ):
                 raise ValueError(
                     f"`rank_schedule` must be None, 'rr' or a non-empty list of positive integers, "
                     f"got {self.rank_schedule!r}."
                 )
-        if not isinstance(self.magnitude_init, (int, float)) or isinstance(self.magnitude_init, bool):
+        if not _is_number(self.magnitude_init):
             raise ValueError(f"`magnitude_init` must be a number, got {self.magnitude_init!r}.")
         _check_choice("magnitude_sharing", self.magnitude_sharing, MAGNITUDE_SHARINGS)
         _check_choice("direction_norm", self.direction_norm, DIRECTION_NORMS)
         _check_choice("freeze_scale", self.freeze_scale, FREEZE_SCALES)
-        if self.kd_threshold is not None and (
-            not isinstance(self.kd_threshold, (int, float)) or isinstance(self.kd_threshold, bool) or self.kd_threshold < 0
-        ):
+        if self.kd_threshold is not None and not (_is_number(self.kd_threshold) and self.kd_threshold >= 0):
             raise ValueError(f"`kd_threshold` must be None or a number >= 0, got {self.kd_threshold!r}.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
@@ -195,8 +201,7 @@ def _check_task_history(history: object) -> None:
             )
         if record["task"] != index:
             raise ValueError(f"`task_history[{index}]` has task index {record['task']!r}; tasks must be 0, 1, 2, ...")
-        rank = record["rank"]
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-            raise ValueError(f"`task_history[{index}]['rank']` must be a positive integer, got {rank!r}.")
+        if not _is_positive_int(record["rank"]):
+            raise ValueError(f"`task_history[{index}]['rank']` must be a positive integer, got {record['rank']!r}.")
         if not isinstance(record["absorbed"], bool):
             raise ValueError(f"`task_history[{index}]['absorbed']` must be true or false, got {record['absorbed']!r}.")

@@ -16,7 +16,7 @@ All frozen directions cost one extra low-rank product per layer, whatever their 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -186,7 +186,7 @@ class SDLoraLayer(BaseTunerLayer):
         self.sdlora_frozen_scale[adapter_name] = scale_tensor
         self._set_frozen_ranks(adapter_name, self.sdlora_frozen_ranks[adapter_name] + [self.r[adapter_name]])
 
-    def open_task(self, adapter_name: str, rank: int, magnitude: Optional[torch.Tensor]) -> None:
+    def open_task(self, adapter_name: str, rank: int, magnitude: torch.Tensor | None) -> None:
         """Start the next task: fresh factors of `rank` with a zero `B`, so the function does not change; with
         per-layer magnitudes, also the new magnitude vector."""
         requires_grad = self.sdlora_A[adapter_name].requires_grad
@@ -198,7 +198,7 @@ class SDLoraLayer(BaseTunerLayer):
     # Merging
     # ----------------------------------------------------------------------------------------------------------
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the active adapters' updates to the base weight (`safe_merge` checks for non-finite values first)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base_layer = self.get_base_layer()
@@ -216,7 +216,7 @@ class SDLoraLayer(BaseTunerLayer):
     def unmerge(self) -> None:
         """Subtract every merged adapter's update from the base weight again."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base_layer = self.get_base_layer()
         while self.merged_adapters:

@@ -52,7 +52,8 @@ def least_squares_fit(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
     directions. A zero target is fitted exactly by zero coefficients.
     """
     old, cross, target = gram[:-1, :-1], gram[:-1, -1], gram[-1, -1]
-    coefficients = torch.linalg.pinv(old, hermitian=True) @ cross
+    # A Gram matrix squares condition numbers: eigenvalues below 1e-10 of the largest are dependence, not signal.
+    coefficients = torch.linalg.pinv(old, hermitian=True, rtol=1e-10) @ cross
     if target <= 0:
         return torch.zeros_like(cross), 0.0
     residual_squared = (target - cross @ coefficients).clamp_min(0)

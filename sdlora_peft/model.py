@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -44,7 +43,7 @@ class TaskRecord:
     task: int
     rank: int
     absorbed: bool
-    residual: Optional[float]
+    residual: float | None
 
 
 class SDLoraModel(BaseTuner):
@@ -126,7 +125,7 @@ class SDLoraModel(BaseTuner):
     # Adapter bookkeeping for the model-level (global) magnitudes
     # ----------------------------------------------------------------------------------------------------------
 
-    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         active = {adapter_name} if isinstance(adapter_name, str) else set(adapter_name)
         for name, magnitude in self.sdlora_magnitude.items():
@@ -144,7 +143,7 @@ class SDLoraModel(BaseTuner):
     # Tasks
     # ----------------------------------------------------------------------------------------------------------
 
-    def advance_task(self, adapter_name: Optional[str] = None) -> TaskRecord:
+    def advance_task(self, adapter_name: str | None = None) -> TaskRecord:
         """Freeze the current task's direction and open the next task's direction and magnitude.
 
         With `freeze_scale="preserve"` (default) the model's function is unchanged. With `kd_threshold` set, a
@@ -168,7 +167,7 @@ class SDLoraModel(BaseTuner):
         self._open_next_task(adapter_name, config, layers, magnitudes)
         return record
 
-    def _resolve_adapter(self, adapter_name: Optional[str]) -> str:
+    def _resolve_adapter(self, adapter_name: str | None) -> str:
         if adapter_name is None:
             if len(self.active_adapters) != 1:
                 raise ValueError(
@@ -213,7 +212,8 @@ class SDLoraModel(BaseTuner):
         if not live.any():
             warnings.warn(
                 f"Task {task}'s direction of adapter {adapter_name!r} is zero (was it trained?); it is dropped and "
-                "adds no parameters."
+                "adds no parameters.",
+                stacklevel=3,
             )
             return TaskRecord(task, rank, absorbed=True, residual=0.0), magnitudes[..., :-1]
 

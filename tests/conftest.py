@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -151,3 +151,12 @@ def train_steps(
 
 def sdlora_layers(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, sdlora_peft.SDLoraLayer)]
+
+
+def put_old_direction(model, coefficient: float = 2.0) -> None:
+    """Make the current direction exactly `coefficient` times the first frozen one, in every layer."""
+    for layer in sdlora_layers(model):
+        rank = layer.sdlora_frozen_ranks["default"][0]
+        with torch.no_grad():
+            layer.sdlora_A["default"].zero_()[:rank] = layer.sdlora_frozen_A["default"][:rank]
+            layer.sdlora_B["default"].zero_()[:, :rank] = coefficient * layer.sdlora_frozen_B["default"][:, :rank]

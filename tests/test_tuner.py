@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import CASE_BY_NAME, make_peft, output, sdlora_layers, train_steps
+from conftest import CASE_BY_NAME, make_peft, output, put_old_direction, sdlora_layers, train_steps
 from peft import get_peft_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -26,8 +26,8 @@ def run_tasks(model, inputs, tasks: int, steps: int = 2) -> list:
 
 
 def dense_reference(model, base: nn.Module, inputs) -> torch.Tensor:
-    """Outputs of the base model with every adapted weight replaced by W0 + sum_k alpha_k s_k B_k A_k + alpha_t B_t A_t,
-    written as a plain loop over tasks (independent of the layer's fused path)."""
+    """Outputs of the base model with each adapted weight replaced by
+    W0 + sum_k alpha_k s_k B_k A_k + alpha_t B_t A_t, written as a plain loop over tasks (not the fused path)."""
     reference = copy.deepcopy(base)
     modules = dict(reference.named_modules())
     for name, layer in model.base_model.model.named_modules():
@@ -135,22 +135,13 @@ def test_rank_schedule_rr_follows_the_paper():
     assert layer.r["default"] == 6
 
 
-def put_old_direction_in_current(model, coefficient: float = 2.0) -> None:
-    """Make the current direction exactly `coefficient` times the first frozen one, in every layer."""
-    for layer in sdlora_layers(model):
-        rank = layer.sdlora_frozen_ranks["default"][0]
-        with torch.no_grad():
-            layer.sdlora_A["default"].zero_()[:rank] = layer.sdlora_frozen_A["default"][:rank]
-            layer.sdlora_B["default"].zero_()[:, :rank] = coefficient * layer.sdlora_frozen_B["default"][:, :rank]
-
-
 @pytest.mark.parametrize("sharing", SHARINGS)
 def test_kd_absorbs_a_direction_the_old_ones_reproduce(sharing):
     _, model = make_peft(VIT_CASE, r=3, magnitude_sharing=sharing, kd_threshold=9e-4)
     inputs = VIT_CASE.inputs()
     first = run_tasks(model, inputs, 1)[0]
     assert not first.absorbed and first.residual is None
-    put_old_direction_in_current(model)
+    put_old_direction(model)
     before = output(model, inputs)
     parameters = sum(p.numel() for p in model.parameters())
     record = model.advance_task()
@@ -286,7 +277,7 @@ def test_several_named_adapters():
     assert torch.allclose(output(model, inputs), default_out, atol=1e-5)
     model.delete_adapter("default")
     assert "default" not in model.base_model.sdlora_magnitude
-    assert torch.equal(output(model.get_base_model(), inputs), output(base, inputs))
+    assert torch.equal(output(model.base_model.model, inputs), output(base, inputs))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
