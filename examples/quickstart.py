@@ -29,7 +29,7 @@ for task in range(3):
     in_task = (labels // 2) == task
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
-    for step in range(10):
+    for _ in range(10):
         loss = model(pixel_values=images[in_task], labels=labels[in_task]).loss
         loss.backward()
         optimizer.step()
