@@ -13,10 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from datasets import ClassLabel, Dataset, Image, Value
+from PIL import Image as PILImage
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 TEXT_COLUMNS = ("text", "sentence", "content")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def class_order(classes: Iterable[int], seed: int | None = None) -> list[int]:
@@ -190,3 +194,82 @@ def _indices_by_class(labels: np.ndarray) -> dict[int, np.ndarray]:
     order = np.argsort(labels, kind="stable")
     classes, starts = np.unique(labels[order], return_index=True)
     return dict(zip(classes.tolist(), np.split(order, starts[1:])))
+
+
+class ImageCollator:
+    """Dataset rows -> a batch `{"pixel_values", "labels"}` for an image classifier.
+
+    Without `augment`, images are resized to `image_size` squared. With `augment`, the paper's transforms:
+    RandomResizedCrop(scale 0.05-1) and a horizontal flip for training, resize to `image_size / 0.875` and a
+    center crop for evaluation (`train=False`). Grey images become RGB. Normalisation follows the model's image
+    processor when it has one, else ImageNet's.
+    """
+
+    def __init__(
+        self,
+        image_column: str,
+        label_column: str,
+        image_size: int,
+        processor: object | None = None,
+        augment: bool = False,
+        train: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.image_column, self.label_column, self.image_size = image_column, label_column, image_size
+        self.augment, self.train = augment, train
+        self.mean = torch.tensor(getattr(processor, "image_mean", None) or IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(getattr(processor, "image_std", None) or IMAGENET_STD).view(1, 3, 1, 1)
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        images = [self._transform(_to_pil(row[self.image_column])) for row in rows]
+        pixels = torch.from_numpy(np.stack([np.asarray(image, dtype=np.float32) for image in images]))
+        pixels = (pixels.permute(0, 3, 1, 2) / 255.0 - self.mean) / self.std
+        return {"pixel_values": pixels, "labels": torch.tensor([row[self.label_column] for row in rows])}
+
+    def _transform(self, image: PILImage.Image) -> PILImage.Image:
+        size = (self.image_size, self.image_size)
+        if not self.augment:
+            return image.resize(size, PILImage.BILINEAR)
+        if not self.train:
+            resized = round(self.image_size / 0.875)
+            image = image.resize((resized, resized), PILImage.BILINEAR)
+            offset = (resized - self.image_size) // 2
+            return image.crop((offset, offset, offset + self.image_size, offset + self.image_size))
+        image = image.resize(size, PILImage.BILINEAR, box=self._random_box(image.size))
+        return image.transpose(PILImage.FLIP_LEFT_RIGHT) if self.rng.random() < 0.5 else image
+
+    def _random_box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """A RandomResizedCrop box: area fraction in [0.05, 1], aspect ratio in [3/4, 4/3] (log-uniform)."""
+        width, height = size
+        for _ in range(10):
+            area = width * height * self.rng.uniform(0.05, 1.0)
+            aspect = np.exp(self.rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            w, h = np.sqrt(area * aspect), np.sqrt(area / aspect)
+            if w <= width and h <= height:
+                left, top = self.rng.uniform(0, width - w), self.rng.uniform(0, height - h)
+                return (left, top, left + w, top + h)
+        return (0.0, 0.0, float(width), float(height))
+
+
+class TextCollator:
+    """Dataset rows -> a tokenized, padded batch `{"input_ids", "attention_mask", "labels"}`."""
+
+    def __init__(self, tokenizer: object, text_column: str, label_column: str, max_length: int = 64) -> None:
+        self.tokenizer, self.text_column, self.label_column = tokenizer, text_column, label_column
+        self.max_length = max_length
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        texts = [row[self.text_column] for row in rows]
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {**batch, "labels": torch.tensor([row[self.label_column] for row in rows])}
+
+
+def _to_pil(image: object) -> PILImage.Image:
+    """A PIL RGB image from what datasets return for an image column (PIL image, array or nested list)."""
+    if not isinstance(image, PILImage.Image):
+        array = np.asarray(image)
+        if array.dtype != np.uint8:
+            array = np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        image = PILImage.fromarray(array)
+    return image.convert("RGB")

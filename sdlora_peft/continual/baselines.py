@@ -1,0 +1,163 @@
+"""The methods compared side by side: SD-LoRA's variants and the peers a user would otherwise pick.
+
+A `Method` decides how the backbone is adapted (`wrap`) and what happens when a task ends (`end_task`); the loop,
+the head and the data are the same for all of them (see train.run_sequence). SD-LoRA is used through PEFT's public
+API only, like any other PEFT method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from ..config import SDLoraConfig
+from ..model import DEFAULT_TARGET_MODULES
+from .heads import classifier_path
+
+
+@dataclass
+class AdapterOptions:
+    """Adapter settings shared by every method, so that they differ only in how tasks follow each other."""
+
+    r: int = 10
+    target_modules: list[str] | None = None
+    layers_to_transform: list[int] | None = None
+    sdlora: dict = field(default_factory=dict)  # extra SDLoraConfig fields (magnitude_sharing, freeze_scale, ...)
+
+
+class Method:
+    """A frozen backbone whose classification layer alone trains (`linear`)."""
+
+    name = "linear"
+    trains = True
+
+    def __init__(self, options: AdapterOptions) -> None:
+        self.options = options
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        head = classifier_path(model)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.startswith(f"{head}."))
+        return model
+
+    def end_task(self, model: nn.Module, is_last: bool) -> nn.Module:
+        return model
+
+    def magnitudes(self, model: nn.Module) -> list[float] | None:
+        return None
+
+    def stored_parameters(self, model: nn.Module) -> int:
+        """Parameters stored beyond the pretrained backbone and the classification layer."""
+        return 0
+
+
+class FrozenNCM(Method):
+    """SimpleCIL: a frozen backbone and nothing trained; pair it with the `ncm` head."""
+
+    name = "ncm"
+    trains = False
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model.requires_grad_(False)
+
+
+class SequentialLoRA(Method):
+    """PEFT's LoRA, one adapter trained through all tasks (also the `joint` upper bound on a single task)."""
+
+    name = "lora-seq"
+
+    def __init__(self, options: AdapterOptions, name: str | None = None) -> None:
+        super().__init__(options)
+        self.name = name or self.name
+
+    def config(self, model: nn.Module) -> LoraConfig:
+        return LoraConfig(
+            r=self.options.r,
+            lora_alpha=self.options.r,  # scaling 1, like SD-LoRA's raw current direction
+            # SD-LoRA's default targets (query/value), so that both adapt the same layers
+            target_modules=self.options.target_modules or DEFAULT_TARGET_MODULES.get(model.config.model_type),
+            layers_to_transform=self.options.layers_to_transform,
+            modules_to_save=[classifier_path(model)],
+        )
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return get_peft_model(model, self.config(model))
+
+    def stored_parameters(self, model: nn.Module) -> int:
+        return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+class MergedLoRA(SequentialLoRA):
+    """PEFT's LoRA merged into the weights after each task, then a fresh adapter: the recipe PEFT suggests for
+    continual fine-tuning. What it stores is every adapted weight matrix in full."""
+
+    name = "lora-merge"
+
+    def end_task(self, model: nn.Module, is_last: bool) -> nn.Module:
+        if is_last:
+            return model
+        merged = model.merge_and_unload()
+        return get_peft_model(merged, self.config(merged))
+
+    def stored_parameters(self, model: nn.Module) -> int:
+        layers = [m for n, m in model.named_modules() if n.endswith("base_layer")]
+        return sum(layer.weight.numel() for layer in layers)
+
+
+class SDLoRA(Method):
+    """SD-LoRA through PEFT: `advance_task()` after every task."""
+
+    def __init__(self, options: AdapterOptions, name: str = "sdlora", **variant) -> None:
+        super().__init__(options)
+        self.name, self.variant = name, variant
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        config = SDLoraConfig(
+            r=self.options.r,
+            target_modules=self.options.target_modules,
+            layers_to_transform=self.options.layers_to_transform,
+            modules_to_save=[classifier_path(model)],
+            **{**self.options.sdlora, **self.variant},
+        )
+        return get_peft_model(model, config)
+
+    def end_task(self, model: nn.Module, is_last: bool) -> nn.Module:
+        model.advance_task()
+        return model
+
+    def magnitudes(self, model: nn.Module) -> list[float | None]:
+        """Magnitude of each finished task's direction (the mean over layers with per-layer magnitudes); None for a
+        task whose direction was absorbed."""
+        tensors = [p.detach().float() for n, p in model.named_parameters() if "sdlora_magnitude" in n]
+        kept = iter((sum(tensors) / len(tensors))[:-1].tolist())  # the last slot is the next task's, just opened
+        history = model.peft_config["default"].task_history
+        return [None if record["absorbed"] else next(kept) for record in history]
+
+    def stored_parameters(self, model: nn.Module) -> int:
+        """Frozen factors, their scales and the kept magnitudes (the next task's empty slot not counted)."""
+        frozen = ("sdlora_frozen_A", "sdlora_frozen_B", "sdlora_frozen_scale")
+        buffers = sum(b.numel() for n, b in model.named_buffers() if any(key in n for key in frozen))
+        magnitudes = sum(p.numel() - 1 for n, p in model.named_parameters() if "sdlora_magnitude" in n)
+        return buffers + magnitudes
+
+
+METHOD_NAMES = ("sdlora", "sdlora-rr", "sdlora-kd", "lora-seq", "lora-merge", "ncm", "linear", "joint")
+
+
+def make_method(name: str, options: AdapterOptions) -> Method:
+    """The method named `name` (one of METHOD_NAMES)."""
+    factories = {
+        "sdlora": lambda: SDLoRA(options),
+        "sdlora-rr": lambda: SDLoRA(options, "sdlora-rr", rank_schedule="rr"),
+        "sdlora-kd": lambda: SDLoRA(options, "sdlora-kd", kd_threshold=9e-4),
+        "lora-seq": lambda: SequentialLoRA(options),
+        "lora-merge": lambda: MergedLoRA(options),
+        "ncm": lambda: FrozenNCM(options),
+        "linear": lambda: Method(options),
+        "joint": lambda: SequentialLoRA(options, "joint"),
+    }
+    if name not in factories:
+        raise ValueError(f"Unknown method {name!r}; known methods: {', '.join(METHOD_NAMES)}.")
+    return factories[name]()

@@ -1,0 +1,157 @@
+"""`sdlora-cil`: a class-incremental benchmark of SD-LoRA and its peers, side by side.
+
+    sdlora-cil --model dinov2-small --dataset glyphs --num-tasks 6 --methods sdlora,lora-seq,ncm --seeds 0,1,2
+
+Every method runs through the same loop, data, head and seeds; the results go to OUTDIR as results.json,
+results.md and PNG plots, with each method's final adapter. With no arguments it runs a short offline demo.
+Launch on several processes with `accelerate launch -m sdlora_peft.continual.cli ...` (or torchrun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import datasets
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import PeftModel
+
+from . import zoo
+from .baselines import METHOD_NAMES, AdapterOptions, make_method
+from .data import ImageCollator, TaskSplit, TextCollator, dataset_classes, detect_modality, split_dataset
+from .heads import HEAD_NAMES, make_head
+from .plots import write_plots
+from .report import build_summary, console_table, write_results
+from .train import TrainSettings, run_sequence
+
+DEFAULT_HEAD = "ncm"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sdlora-cil", description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--model", default="dinov2-small", help=f"hub id, local dir, or one of {list(zoo.MODEL_NAMES)}")
+    add("--dataset", default="digits", help=f"hub id, save_to_disk dir, or one of {list(zoo.DATASET_NAMES)}")
+    add("--num-tasks", type=int, default=5)
+    add("--methods", default="sdlora,lora-seq,ncm", help=f"comma-separated, from {list(METHOD_NAMES)}; "
+        "append @HEAD to override the head for one entry, e.g. sdlora@linear")  # fmt: skip
+    add("--head", default=DEFAULT_HEAD, choices=HEAD_NAMES)
+    add("--epochs", type=int, default=2)
+    add("--batch-size", type=int, default=32)
+    add("--lr", type=float, default=1e-3, help="learning rate of the adapters (and of the backbone's peers)")
+    add("--head-lr", type=float, default=None, help="learning rate of the classification layer (default: --lr)")
+    add("--seeds", default="0", help="comma-separated seeds; each fixes the class order and the initialisation")
+    add("--output", default="runs/cil", help="output directory")
+    add("--overwrite", action="store_true", help="write into an OUTDIR that already holds results")
+    add("--max-train-per-class", type=int, default=None)
+    add("--max-test-per-class", type=int, default=None)
+    add("--image-size", type=int, default=56)
+    add("--augment", action="store_true", help="the paper's RandomResizedCrop + flip (and resize + center crop)")
+    add("--image-column", default=None)
+    add("--text-column", default=None)
+    add("--label-column", default="label")
+    add("--max-length", type=int, default=64, help="token budget of text samples")
+    add("--r", type=int, default=10, help="adapter rank (every method)")
+    add("--layers", default=None, help="comma-separated block indices to adapt (default: all)")
+    add("--target-modules", default=None, help="comma-separated module names (default: query/value projections)")
+    add("--magnitude-sharing", default="global", choices=("global", "layer"))
+    add("--freeze-scale", default="preserve", choices=("preserve", "unit"))
+    add("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
+    add("--gradient-accumulation-steps", type=int, default=1)
+    return parser.parse_args(argv)
+
+
+def _csv(value: str | None, cast: type = str) -> list | None:
+    return None if value is None else [cast(item) for item in value.split(",") if item]
+
+
+def _method_entries(value: str, default_head: str) -> list[tuple[str, str, str]]:
+    """(result name, method, head) for every entry of --methods; `ncm` always scores with class means."""
+    entries = []
+    for item in _csv(value):
+        method, _, head = item.partition("@")
+        make_method(method, AdapterOptions())  # fail early on an unknown name
+        head = head or ("ncm" if method == "ncm" else default_head)
+        entries.append((item, method, head))
+    return entries
+
+
+def _collate(args: argparse.Namespace, modality: str, processor: object, columns: list[str], train: bool, seed: int):
+    if modality == "image":
+        column = args.image_column or next(c for c in columns if c in ("image", "img", "pixel_values"))
+        return ImageCollator(column, args.label_column, args.image_size, processor, args.augment, train, seed)
+    column = args.text_column or next(c for c in columns if c in ("text", "sentence", "content"))
+    return TextCollator(processor, column, args.label_column, args.max_length)
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if (output / "results.json").exists() and not overwrite:
+        raise SystemExit(f"{output} already holds results; pass --overwrite or choose another --output.")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run every method on every seed; write and return the results."""
+    output = Path(args.output)
+    _check_output(output, args.overwrite)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
+    )
+    data = zoo.load_dataset(args.dataset)
+    train_data, test_data = data["train"], data["test"]
+    modality = detect_modality(train_data, args.image_column, args.text_column)
+    classes = dataset_classes(train_data, args.label_column)
+    entries = _method_entries(args.methods, args.head)
+    options = AdapterOptions(
+        r=args.r,
+        target_modules=_csv(args.target_modules),
+        layers_to_transform=_csv(args.layers, int),
+        sdlora={"magnitude_sharing": args.magnitude_sharing, "freeze_scale": args.freeze_scale},
+    )
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in entries}
+    info = None
+    for seed in _csv(args.seeds, int):
+        split = TaskSplit.from_classes(classes, args.num_tasks, seed)
+        train_sets = split_dataset(train_data, split, args.label_column, args.max_train_per_class, seed)
+        test_sets = split_dataset(test_data, split, args.label_column, args.max_test_per_class, seed)
+        set_seed(seed)
+        base, processor, info = zoo.load_model(args.model, len(classes), modality=modality)
+        collate = _collate(args, modality, processor, train_data.column_names, train=True, seed=seed)
+        eval_collate = _collate(args, modality, processor, train_data.column_names, train=False, seed=seed)
+        settings = TrainSettings(args.epochs, args.batch_size, args.lr, args.head_lr, seed=seed)
+        for name, method_name, head_name in entries:
+            set_seed(seed)
+            method = make_method(method_name, options)
+            task_split, task_train, task_test = split, train_sets, test_sets
+            if method_name == "joint":
+                task_split = TaskSplit([split.seen_classes(split.num_tasks - 1)])
+                task_train = [datasets.concatenate_datasets(train_sets)]
+                task_test = [datasets.concatenate_datasets(test_sets)]
+            model, record = run_sequence(
+                accelerator, copy.deepcopy(base), method, make_head(head_name, seed), task_split, task_train,
+                task_test, collate, settings, eval_collate=eval_collate,
+            )  # fmt: skip
+            runs[name].append({"seed": seed, "head": head_name, **record})
+            if accelerator.is_main_process and isinstance(model, PeftModel):
+                model.save_pretrained(output / "adapters" / name / f"seed_{seed}")
+    results = {
+        "config": {**vars(args), "model_info": info.__dict__ if info else None, "rehearsal_free": True},
+        "methods": {name: build_summary(method_runs) for name, method_runs in runs.items()},
+    }
+    if accelerator.is_main_process:
+        write_results(results, output)
+        write_plots(results, output)
+        print(console_table(results))
+        print(f"results, plots and adapters: {output}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
