@@ -16,7 +16,7 @@ from pathlib import Path
 
 import datasets
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from peft import PeftModel
 
 from . import zoo
@@ -96,8 +96,11 @@ def run(args: argparse.Namespace) -> dict:
     """Run every method on every seed; write and return the results."""
     output = Path(args.output)
     _check_output(output, args.overwrite)
+    # split_batches: --batch-size is the global batch, so N processes take the steps one process would
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
     data = zoo.load_dataset(args.dataset)
     train_data, test_data = data["train"], data["test"]

@@ -183,7 +183,8 @@ def _label_feature(dataset: Dataset, label_column: str) -> ClassLabel | Value:
 
 
 def _labels(dataset: Dataset, label_column: str) -> np.ndarray:
-    labels = np.asarray(dataset.with_format("numpy", columns=[label_column])[label_column], dtype=np.int64)
+    # select_columns + a full slice reads the column at once (a lazy column access reads row by row)
+    labels = np.asarray(dataset.select_columns(label_column).with_format("numpy")[:][label_column], dtype=np.int64)
     if (labels < 0).any():
         raise ValueError(f"label column {label_column!r} has negative labels (unlabelled samples?); drop them first")
     return labels

@@ -1,0 +1,91 @@
+"""`sdlora-cil` end to end on a tiny real model and real offline data, on one and on two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+from peft import PeftConfig
+
+from sdlora_peft.continual import cli, zoo
+
+TINY = ["--model", "tiny-dinov2", "--dataset", "digits", "--image-size", "32", "--epochs", "1", "--batch-size", "16"]
+
+
+def run_cli(tmp_path, *extra: str) -> dict:
+    output = tmp_path / "out"
+    cli.main([*TINY, "--output", str(output), "--max-train-per-class", "20", "--max-test-per-class", "10", *extra])
+    return json.loads((output / "results.json").read_text())
+
+
+def test_every_method_end_to_end(tmp_path):
+    methods = "sdlora,sdlora-rr,sdlora-kd,lora-seq,lora-merge,ncm,linear,joint,sdlora@aligned,lora-seq@linear"
+    results = run_cli(tmp_path, "--num-tasks", "3", "--methods", methods, "--head", "ncm")
+    assert list(results["methods"]) == methods.split(",")
+    for name, summary in results["methods"].items():
+        (run,) = summary["runs"]
+        tasks = 1 if name == "joint" else 3
+        assert len(run["accuracy_matrix"]) == tasks and all(len(row) == tasks for row in run["accuracy_matrix"])
+        assert all(run["accuracy_matrix"][t][j] is None for t in range(tasks) for j in range(t + 1, tasks))
+        assert 0 <= summary["final_accuracy"]["mean"] <= 100
+        assert run["final_accuracy"] == summary["final_accuracy"]["mean"]
+        assert run["seed"] == 0 and run["train_seconds"] > 0
+    sdlora = results["methods"]["sdlora"]["runs"][0]
+    assert len(sdlora["magnitudes"]) == 3 and [len(m) for m in sdlora["magnitudes"]] == [1, 2, 3]
+    assert results["methods"]["ncm"]["runs"][0]["trainable_parameters"] == 0
+    assert results["methods"]["ncm"]["runs"][0]["head_statistics"]["class_means"] == 10
+    assert results["methods"]["sdlora@aligned"]["runs"][0]["head_statistics"]["class_covariances"] == 10
+    assert results["methods"]["lora-seq@linear"]["runs"][0]["head"] == "linear"
+
+    output = tmp_path / "out"
+    assert "| sdlora |" in (output / "results.md").read_text()
+    pngs = {p.name for p in output.glob("*.png")}
+    assert {"accuracy_curves.png", "accuracy_matrix_sdlora.png", "magnitudes_sdlora.png"} <= pngs
+    config = PeftConfig.from_pretrained(output / "adapters" / "sdlora" / "seed_0")
+    assert len(config.task_history) == 3 and config.modules_to_save == ["classifier"]
+
+
+def test_unknown_method_lists_the_known_ones(tmp_path):
+    with pytest.raises(ValueError, match="known methods: sdlora, sdlora-rr"):
+        run_cli(tmp_path, "--methods", "sdlora,ewc")
+
+
+def test_existing_results_are_not_overwritten(tmp_path):
+    run_cli(tmp_path, "--num-tasks", "2", "--methods", "ncm")
+    with pytest.raises(SystemExit, match="--overwrite"):
+        run_cli(tmp_path, "--num-tasks", "2", "--methods", "ncm")
+    run_cli(tmp_path, "--num-tasks", "2", "--methods", "ncm", "--overwrite")
+
+
+def test_text_dataset_from_a_saved_directory(tmp_path):
+    words = ["apple", "banana", "cherry", "grape", "lemon", "mango"]
+    rows = {"text": [f"{w} {i}" for i in range(20) for w in words], "label": [i for _ in range(20) for i in range(6)]}
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=words)})
+    data = datasets.Dataset.from_dict(rows, features=features).train_test_split(test_size=0.3, seed=0)
+    data.save_to_disk(tmp_path / "fruit")
+    output = tmp_path / "text"
+    cli.main(["--model", "tiny-bert", "--dataset", str(tmp_path / "fruit"), "--num-tasks", "3", "--epochs", "1",
+              "--methods", "sdlora,ncm", "--output", str(output)])  # fmt: skip
+    results = json.loads((output / "results.json").read_text())
+    assert len(results["methods"]["sdlora"]["runs"][0]["accuracy_matrix"]) == 3
+
+
+def test_two_processes_give_the_one_process_results(tmp_path):
+    """A 2-process CPU run (gloo, torchrun) splits each batch across processes: same steps, same accuracies."""
+    args = [*TINY, "--num-tasks", "2", "--methods", "sdlora,lora-seq", "--max-train-per-class", "20",
+            "--max-test-per-class", "9"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", zoo.CACHE_ENV: str(tmp_path / "cache")}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "sdlora_peft.continual.cli"]
+    for command, out in ((launch, "two"), ([sys.executable, "-m", "sdlora_peft.continual.cli"], "one")):
+        subprocess.run([*command, *args, "--output", str(tmp_path / out)], check=True, env=env, timeout=600)
+    one, two = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("one", "two"))
+    for name in ("sdlora", "lora-seq"):
+        matrix_one = one["methods"][name]["runs"][0]["accuracy_matrix"]
+        matrix_two = two["methods"][name]["runs"][0]["accuracy_matrix"]
+        for row_one, row_two in zip(matrix_one, matrix_two):
+            for a, b in zip(row_one, row_two):
+                assert (a is None and b is None) or abs(a - b) <= 5.0  # float reduction order may flip a sample
