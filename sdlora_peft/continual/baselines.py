@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from ..config import SDLoraConfig
+from ..layer import SDLoraLayer
 from ..model import DEFAULT_TARGET_MODULES
 from .heads import classifier_path
 
@@ -136,14 +138,50 @@ class SDLoRA(Method):
         return [None if record["absorbed"] else next(kept) for record in history]
 
     def stored_parameters(self, model: nn.Module) -> int:
-        """Frozen factors, their scales and the kept magnitudes (the next task's empty slot not counted)."""
+        """Frozen factors, their scales, the magnitudes and any trained current factors (an empty slot that
+        advance_task() just opened is not counted)."""
         frozen = ("sdlora_frozen_A", "sdlora_frozen_B", "sdlora_frozen_scale")
         buffers = sum(b.numel() for n, b in model.named_buffers() if any(key in n for key in frozen))
-        magnitudes = sum(p.numel() - 1 for n, p in model.named_parameters() if "sdlora_magnitude" in n)
-        return buffers + magnitudes
+        current = sum(
+            layer.sdlora_A["default"].numel() + layer.sdlora_B["default"].numel()
+            for layer in model.modules()
+            if isinstance(layer, SDLoraLayer) and layer.sdlora_B["default"].any()
+        )
+        empty_slot = 1 if current == 0 else 0
+        magnitudes = sum(p.numel() - empty_slot for n, p in model.named_parameters() if "sdlora_magnitude" in n)
+        return buffers + current + magnitudes
 
 
-METHOD_NAMES = ("sdlora", "sdlora-rr", "sdlora-kd", "lora-seq", "lora-merge", "ncm", "linear", "joint")
+class SDLoRAAblation(SDLoRA):
+    """The paper's ablation of SD-LoRA (its Table 5), to check which part matters:
+
+    - `single`: one decoupled component (direction and magnitude) trained through all tasks, never frozen;
+    - `first`: the first task's direction frozen, afterwards only magnitudes train (no new directions);
+    - `fixed`: a new direction per task, but old magnitudes stay fixed (old directions are not re-scaled).
+    """
+
+    def __init__(self, options: AdapterOptions, mode: str) -> None:
+        super().__init__(options, f"ablation-{mode}")
+        self.mode = mode
+
+    def end_task(self, model: nn.Module, is_last: bool) -> nn.Module:
+        if self.mode == "single" or (self.mode == "first" and model.peft_config["default"].current_task > 0):
+            return model
+        model.advance_task()
+        for name, parameter in model.named_parameters():
+            if self.mode == "first" and ("sdlora_A" in name or "sdlora_B" in name):
+                parameter.requires_grad_(False)
+            if self.mode == "fixed" and "sdlora_magnitude" in name:
+                only_current = torch.zeros_like(parameter)
+                only_current[-1] = 1
+                parameter.register_hook(lambda grad, mask=only_current: grad * mask)
+        return model
+
+
+METHOD_NAMES = (
+    "sdlora", "sdlora-rr", "sdlora-kd", "lora-seq", "lora-merge", "ncm", "linear", "joint",
+    "ablation-single", "ablation-first", "ablation-fixed",
+)  # fmt: skip
 
 
 def make_method(name: str, options: AdapterOptions) -> Method:
@@ -157,6 +195,9 @@ def make_method(name: str, options: AdapterOptions) -> Method:
         "ncm": lambda: FrozenNCM(options),
         "linear": lambda: Method(options),
         "joint": lambda: SequentialLoRA(options, "joint"),
+        "ablation-single": lambda: SDLoRAAblation(options, "single"),
+        "ablation-first": lambda: SDLoRAAblation(options, "first"),
+        "ablation-fixed": lambda: SDLoRAAblation(options, "fixed"),
     }
     if name not in factories:
         raise ValueError(f"Unknown method {name!r}; known methods: {', '.join(METHOD_NAMES)}.")

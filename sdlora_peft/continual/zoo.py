@@ -245,7 +245,7 @@ def _load_dinov2_small(labels: dict, cache: Path) -> tuple[PreTrainedModel, obje
     config = Dinov2Config.from_json_file(folder / "config.json")
     config.update(labels)
     model = Dinov2ForImageClassification(config)
-    model.dinov2.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+    model.dinov2.load_state_dict(_installed_dinov2_names(load_file(folder / "model.safetensors"), model), strict=True)
     return model, _dinov2_processor(), _info("dinov2-small", str(folder), "image", model, pretrained=True)
 
 
@@ -306,6 +306,19 @@ def _matmul_weight_names(graph, tensors: dict[str, torch.Tensor]) -> dict[str, s
         if bias is not None:
             names[node.input[1]] = bias.removesuffix(".bias") + ".weight"
     return names
+
+
+def _installed_dinov2_names(state: dict[str, torch.Tensor], model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The cache holds transformers >= 5 names; a transformers that still names the projections the ViT way
+    (`attention.attention.query`, ...) gets them renamed back."""
+    if set(state) <= set(model.dinov2.state_dict()):
+        return state
+    renamed = {}
+    for name, tensor in state.items():
+        for old, new in _DINOV2_RENAMES:
+            name = name.replace(new, old)
+        renamed[name] = tensor
+    return renamed
 
 
 def _dinov2_key(name: str) -> str:

@@ -79,8 +79,9 @@ def test_two_processes_give_the_one_process_results(tmp_path):
     args = [*TINY, "--num-tasks", "2", "--methods", "sdlora,lora-seq", "--max-train-per-class", "20",
             "--max-test-per-class", "9"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", zoo.CACHE_ENV: str(tmp_path / "cache")}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "sdlora_peft.continual.cli"]
-    for command, out in ((launch, "two"), ([sys.executable, "-m", "sdlora_peft.continual.cli"], "one")):
+    module = ["-m", "sdlora_peft.continual.cli"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *module]
+    for command, out in ((launch, "two"), ([sys.executable, *module], "one")):
         subprocess.run([*command, *args, "--output", str(tmp_path / out)], check=True, env=env, timeout=600)
     one, two = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("one", "two"))
     for name in ("sdlora", "lora-seq"):
