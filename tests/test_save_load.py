@@ -143,33 +143,34 @@ def test_auto_peft_model_loads_an_sdlora_adapter(tmp_path):
     assert torch.allclose(output(loaded, inputs), output(model, inputs), atol=1e-6)
 
 
-def test_weights_that_do_not_match_the_task_history_are_refused(tmp_path):
+def save_three_tasks(path) -> torch.nn.Module:
+    """Save a 3-task rank-2 ViT adapter to `path`; return a fresh copy of its base model."""
     base, model = make_peft(VIT_CASE, r=2)
-    inputs = VIT_CASE.inputs()
-    three_tasks(model, inputs, absorb_second=False)
-    model.save_pretrained(tmp_path)
+    three_tasks(model, VIT_CASE.inputs(), absorb_second=False)
+    model.save_pretrained(path)
+    return copy.deepcopy(base)
+
+
+def test_weights_that_do_not_match_the_task_history_are_refused(tmp_path):
+    base = save_three_tasks(tmp_path)
     config_path = tmp_path / "adapter_config.json"
     saved = json.loads(config_path.read_text())
     saved["task_history"] = saved["task_history"][:2]  # claims two finished tasks, the weights hold three
     config_path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="do not match the task history.*Nothing was loaded"):
-        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+        PeftModel.from_pretrained(base, tmp_path)
 
 
 def test_missing_weights_are_refused(tmp_path):
-    base, model = make_peft(VIT_CASE, r=2)
-    three_tasks(model, VIT_CASE.inputs(), absorb_second=False)
-    model.save_pretrained(tmp_path)
+    base = save_three_tasks(tmp_path)
     weights = load_file(tmp_path / "adapter_model.safetensors")
     save_file({k: v for k, v in weights.items() if "frozen_A" not in k}, tmp_path / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="missing .*sdlora_frozen_A"):
-        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+        PeftModel.from_pretrained(base, tmp_path)
 
 
 def test_adapter_for_another_base_model_is_refused(tmp_path):
-    _, model = make_peft(VIT_CASE, r=2)
-    three_tasks(model, VIT_CASE.inputs(), absorb_second=False)
-    model.save_pretrained(tmp_path)
+    save_three_tasks(tmp_path)
     other = copy.deepcopy(CASE_BY_NAME["dinov2"].build())
     with pytest.raises(ValueError, match="another base model"):
         PeftModel.from_pretrained(other, tmp_path)
