@@ -113,7 +113,8 @@ class SDLoraLayer(BaseTunerLayer):
     def _set_frozen_ranks(self, adapter_name: str, frozen_ranks: list[int]) -> None:
         self.sdlora_frozen_ranks[adapter_name] = list(frozen_ranks)
         if frozen_ranks:
-            device = self.sdlora_A[adapter_name].device
+            # the base weight's device: the factors may still be on "meta" while PEFT loads with low_cpu_mem_usage
+            device = self.get_base_layer().weight.device
             index = torch.repeat_interleave(torch.arange(len(frozen_ranks)), torch.tensor(frozen_ranks))
             self.sdlora_frozen_index[adapter_name] = index.to(device)
 

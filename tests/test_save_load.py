@@ -174,3 +174,15 @@ def test_adapter_for_another_base_model_is_refused(tmp_path):
     other = copy.deepcopy(CASE_BY_NAME["dinov2"].build())
     with pytest.raises(ValueError, match="another base model"):
         PeftModel.from_pretrained(other, tmp_path)
+
+
+@pytest.mark.parametrize("sharing", ["global", "layer"])
+def test_low_cpu_mem_usage_loading(tmp_path, sharing):
+    """PEFT's meta-device loading path: tensors are created empty, then assigned from the checkpoint."""
+    base, model = make_peft(VIT_CASE, r=2, magnitude_sharing=sharing)
+    inputs = VIT_CASE.inputs()
+    three_tasks(model, inputs, absorb_second=False)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, low_cpu_mem_usage=True)
+    assert torch.equal(output(loaded, inputs), output(model, inputs))
+    assert {t.device.type for t in [*loaded.parameters(), *loaded.buffers()]} == {"cpu"}
