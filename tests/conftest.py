@@ -25,6 +25,11 @@ from transformers import (
 import sdlora_peft  # noqa: F401  (registers SD-LoRA with peft)
 from sdlora_peft import SDLoraConfig
 
+# CI replays the same examples every run, so that a red build is reproducible; locally hypothesis explores.
+settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
+
 
 class MLP(nn.Module):
     """A plain torch model: no transformers config, so target modules are named explicitly."""
