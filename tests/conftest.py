@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import settings
 from peft import get_peft_model
 from torch import nn
 from transformers import (
