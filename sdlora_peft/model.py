@@ -154,9 +154,8 @@ class SDLoraModel(BaseTuner):
         Returns:
             [`TaskRecord`]: the finished task's index, rank, whether it was absorbed, and the fit's residual.
         """
-        adapter_name = self._resolve_adapter(adapter_name)
+        adapter_name, layers = self._resolve_adapter(adapter_name)
         config: SDLoraConfig = self.peft_config[adapter_name]
-        layers = self._layers(adapter_name)
         with torch.no_grad():
             record, magnitudes = self._finish_task(adapter_name, config, layers)
             if config.reset_magnitudes:
@@ -167,7 +166,8 @@ class SDLoraModel(BaseTuner):
         self._open_next_task(adapter_name, config, layers, magnitudes)
         return record
 
-    def _resolve_adapter(self, adapter_name: str | None) -> str:
+    def _resolve_adapter(self, adapter_name: str | None) -> tuple[str, list[SDLoraLayer]]:
+        """The adapter `advance_task` acts on and its layers, after checking it can advance."""
         if adapter_name is None:
             if len(self.active_adapters) != 1:
                 raise ValueError(
@@ -186,7 +186,7 @@ class SDLoraModel(BaseTuner):
                 f"Adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() before "
                 "advance_task()."
             )
-        return adapter_name
+        return adapter_name, layers
 
     def _magnitudes(self, adapter_name: str, layers: list[SDLoraLayer]) -> torch.Tensor:
         """Current magnitudes: shape (T,) when global, (layers, T) when per layer."""
