@@ -160,8 +160,8 @@ class SDLoraModel(BaseTuner):
             record, magnitudes = self._finish_task(adapter_name, config, layers)
             if config.reset_magnitudes:
                 magnitudes = torch.full_like(magnitudes, float(config.magnitude_init))
-            opened = torch.full((*magnitudes.shape[:-1], 1), float(config.magnitude_init), dtype=magnitudes.dtype)
-            magnitudes = torch.cat([magnitudes, opened.to(magnitudes.device)], dim=-1)
+            opened = torch.full((*magnitudes.shape[:-1], 1), float(config.magnitude_init))
+            magnitudes = torch.cat([magnitudes, opened], dim=-1)
         config.task_history.append(asdict(record))
         self._open_next_task(adapter_name, config, layers, magnitudes)
         return record
@@ -189,10 +189,11 @@ class SDLoraModel(BaseTuner):
         return adapter_name, layers
 
     def _magnitudes(self, adapter_name: str, layers: list[SDLoraLayer]) -> torch.Tensor:
-        """Current magnitudes: shape (T,) when global, (layers, T) when per layer."""
+        """Current magnitudes on the CPU (where the boundary's small bookkeeping happens): shape (T,) when global,
+        (layers, T) when per layer."""
         if adapter_name in self.sdlora_magnitude:
-            return self.sdlora_magnitude[adapter_name].detach().float().clone()
-        return torch.stack([layer.sdlora_magnitude[adapter_name].detach().float() for layer in layers])
+            return self.sdlora_magnitude[adapter_name].detach().float().cpu().clone()
+        return torch.stack([layer.sdlora_magnitude[adapter_name].detach().float().cpu() for layer in layers])
 
     def _finish_task(
         self, adapter_name: str, config: SDLoraConfig, layers: list[SDLoraLayer]
