@@ -115,8 +115,8 @@ class SDLoraLayer(BaseTunerLayer):
         if frozen_ranks:
             # the base weight's device: the factors may still be on "meta" while PEFT loads with low_cpu_mem_usage
             device = self.get_base_layer().weight.device
-            index = torch.repeat_interleave(torch.arange(len(frozen_ranks)), torch.tensor(frozen_ranks))
-            self.sdlora_frozen_index[adapter_name] = index.to(device)
+            index = [direction for direction, rank in enumerate(frozen_ranks) for _ in range(rank)]
+            self.sdlora_frozen_index[adapter_name] = torch.tensor(index, device=device)
 
     # ----------------------------------------------------------------------------------------------------------
     # Math
@@ -178,12 +178,14 @@ class SDLoraLayer(BaseTunerLayer):
         """Append the current direction to the frozen ones, with its fixed scale."""
         A, B = self.sdlora_A[adapter_name].detach(), self.sdlora_B[adapter_name].detach()
         scale_tensor = torch.tensor([scale], dtype=A.dtype, device=A.device)
-        if adapter_name in self.sdlora_frozen_A:
+        if adapter_name in self.sdlora_frozen_A:  # torch.cat makes new tensors: no copy is shared with A or B
             A = torch.cat([self.sdlora_frozen_A[adapter_name], A])
             B = torch.cat([self.sdlora_frozen_B[adapter_name], B], dim=1)
             scale_tensor = torch.cat([self.sdlora_frozen_scale[adapter_name], scale_tensor])
-        self.sdlora_frozen_A[adapter_name] = A.clone()
-        self.sdlora_frozen_B[adapter_name] = B.clone()
+        else:
+            A, B = A.clone(), B.clone()
+        self.sdlora_frozen_A[adapter_name] = A
+        self.sdlora_frozen_B[adapter_name] = B
         self.sdlora_frozen_scale[adapter_name] = scale_tensor
         self._set_frozen_ranks(adapter_name, self.sdlora_frozen_ranks[adapter_name] + [self.r[adapter_name]])
 
