@@ -80,6 +80,10 @@ class SDLoraConfig(PeftConfig):
         fan_in_fan_out (`bool`):
             Set to True for layers that store weights as (in, out), such as GPT-2's `Conv1D`. Set automatically when
             a `Conv1D` is targeted.
+        cache_inference_weight (`bool`):
+            In pure inference (eval mode under `torch.no_grad()`), keep one `W0 + updates` matrix per adapted layer so
+            that the unmerged model costs what the base model costs, whatever the number of tasks. Costs one extra
+            copy of each adapted weight while evaluating; it is freed by `model.train()`.
         init_weights (`bool`):
             True: `B` starts at zero, so the adapter is the identity. False: random `B` (a non-identity start, for
             tests). Directions opened by `advance_task()` always start at zero, so that it keeps the function.
@@ -123,6 +127,9 @@ class SDLoraConfig(PeftConfig):
         default=None, metadata={"help": "SD-LoRA-KD residual threshold (paper: 9e-4); None disables."}
     )
     fan_in_fan_out: bool = field(default=False, metadata={"help": "True for (in, out) weights such as Conv1D."})
+    cache_inference_weight: bool = field(
+        default=True, metadata={"help": "Eval-mode no-grad forwards use a cached W0 + updates (base-model cost)."}
+    )
     init_weights: bool = field(default=True, metadata={"help": "True: identity at init; False: random B."})
     task_history: list[dict] = field(
         default_factory=list, metadata={"help": "Records of finished tasks, written by advance_task()."}

@@ -34,6 +34,7 @@ class SDLoraLayer(BaseTunerLayer):
     adapter_layer_names = ("sdlora_A", "sdlora_B", "sdlora_magnitude")
     other_param_names = (
         "r",
+        "sdlora_cache_weight",
         "sdlora_frozen_ranks",
         "sdlora_frozen_A",
         "sdlora_frozen_B",
@@ -52,6 +53,8 @@ class SDLoraLayer(BaseTunerLayer):
         self.sdlora_frozen_B = BufferDict({}, persistent=True)
         self.sdlora_frozen_scale = BufferDict({}, persistent=True)
         self.sdlora_frozen_index = BufferDict({}, persistent=False)  # column -> frozen direction, rebuilt from ranks
+        self.sdlora_cache_weight: dict[str, bool] = {}
+        self._inference_weight: tuple[tuple, torch.Tensor] | None = None  # (what it was built from, W0 + updates)
         # Global magnitudes live on the SDLoraModel; keep a plain reference so they are not registered twice.
         self.__dict__["_shared_magnitude"] = shared_magnitude
         self._disable_adapters = False
@@ -79,10 +82,12 @@ class SDLoraLayer(BaseTunerLayer):
         magnitude_init: float,
         per_layer_magnitude: bool,
         init_weights: bool,
+        cache_inference_weight: bool = True,
         inference_mode: bool = False,
     ) -> None:
         """Create the adapter's tensors with the structure its task history describes (values come from training
         or from a checkpoint)."""
+        self.sdlora_cache_weight[adapter_name] = cache_inference_weight
         self._open_direction(adapter_name, rank, init_weights, requires_grad=True)
         if per_layer_magnitude:
             self.sdlora_magnitude[adapter_name] = nn.Parameter(torch.full((len(frozen_ranks) + 1,), magnitude_init))
@@ -246,13 +251,52 @@ class SDLoraLinear(nn.Module, SDLoraLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        adapter_names = [name for name in self.active_adapters if name in self.sdlora_A]
+        if self.merged or not adapter_names:
+            return self.base_layer(x, *args, **kwargs)
+        if self._use_inference_weight(adapter_names):
+            return self._forward_with_weight(x, self._inference_weight_for(adapter_names))
         result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for adapter_name in self.active_adapters:
-            if adapter_name in self.sdlora_A:
-                result = result + self._adapter_output(x, adapter_name).to(result.dtype)
+        for adapter_name in adapter_names:
+            result = result + self._adapter_output(x, adapter_name).to(result.dtype)
         return result
+
+    def train(self, mode: bool = True) -> SDLoraLinear:
+        self._inference_weight = None  # training changes the adapters: free the cached weight
+        return super().train(mode)
+
+    def _use_inference_weight(self, adapter_names: list[str]) -> bool:
+        """Pure inference (eval mode, no autograd) on a plain Linear/Conv1D: one matrix product with a cached
+        `W0 + updates` costs what the base layer costs, whatever the number of frozen directions."""
+        return (
+            not self.training
+            and not torch.is_grad_enabled()
+            and type(self.get_base_layer()) in (nn.Linear, Conv1D)
+            and all(self.sdlora_cache_weight[name] for name in adapter_names)
+            and not torch.compiler.is_compiling()
+        )
+
+    def _inference_weight_for(self, adapter_names: list[str]) -> torch.Tensor:
+        """`W0 + sum of the adapters' updates`, rebuilt when any tensor it depends on was replaced or modified
+        (an optimizer step, a load, advance_task, merge, set_adapter all change the key)."""
+        base = self.get_base_layer()
+        tensors = [base.weight]
+        for name in adapter_names:
+            tensors += [self.sdlora_A[name], self.sdlora_B[name], self.magnitude(name)]
+            if name in self.sdlora_frozen_A:
+                tensors += [self.sdlora_frozen_A[name], self.sdlora_frozen_B[name], self.sdlora_frozen_scale[name]]
+        key = (tuple(adapter_names), tuple((id(t), t.data_ptr(), t._version) for t in tensors))
+        if self._inference_weight is None or self._inference_weight[0] != key:
+            weight = base.weight.float() + sum(self.get_delta_weight(name) for name in adapter_names)
+            self._inference_weight = (key, weight.to(base.weight.dtype))
+        return self._inference_weight[1]
+
+    def _forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        bias = self.get_base_layer().bias
+        if not self.fan_in_fan_out:
+            return F.linear(x, weight, bias)
+        output = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)  # Conv1D keeps its weight as (in, out)
+        return output.reshape(*x.shape[:-1], weight.shape[-1])
 
     def __repr__(self) -> str:
         return "sdlora." + super().__repr__()

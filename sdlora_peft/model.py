@@ -69,13 +69,24 @@ class SDLoraModel(BaseTuner):
     target_module_mapping = DEFAULT_TARGET_MODULES
     uses_shared_state: bool = True  # the global magnitudes
 
-    def _pre_injection_hook(self, model: nn.Module, config: SDLoraConfig, adapter_name: str) -> None:
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """Create the adapter's global magnitudes, then let PEFT inject its layers. Runs for the first adapter and
+        for each one added later (`add_adapter`, `load_adapter`); an added adapter is not trainable until it is
+        activated."""
+        config = self.peft_config[adapter_name]
         if not hasattr(self, "sdlora_magnitude"):
             self.sdlora_magnitude = nn.ParameterDict({})
         if config.magnitude_sharing == "global":
             device = next(model.parameters()).device
             values = torch.full((len(config.frozen_ranks) + 1,), float(config.magnitude_init), device=device)
-            self.sdlora_magnitude[adapter_name] = nn.Parameter(values)
+            trainable = adapter_name in self.active_adapters and not config.inference_mode
+            self.sdlora_magnitude[adapter_name] = nn.Parameter(values, requires_grad=trainable)
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except Exception:
+            if adapter_name in self.sdlora_magnitude:
+                del self.sdlora_magnitude[adapter_name]
+            raise
 
     def _prepare_adapter_config(self, peft_config: SDLoraConfig, model_config: dict) -> SDLoraConfig:
         if peft_config.target_modules is None:
@@ -104,6 +115,7 @@ class SDLoraModel(BaseTuner):
             "magnitude_init": float(config.magnitude_init),
             "per_layer_magnitude": config.magnitude_sharing == "layer",
             "init_weights": config.init_weights,
+            "cache_inference_weight": config.cache_inference_weight,
             "inference_mode": config.inference_mode,
         }
         if isinstance(target, SDLoraLayer):

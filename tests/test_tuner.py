@@ -334,3 +334,63 @@ def test_default_targets_are_query_and_value(name):
     targeted = {key.rsplit(".", 1)[-1] for key in model.base_model.targeted_module_names}
     assert targeted in ({"q_proj", "v_proj"}, {"query", "value"}, {"c_attn"})
     assert len(model.base_model.targeted_module_names) == (2 if name == "gpt2" else 4)
+
+
+def outputs_with_grad_enabled(model, inputs) -> torch.Tensor:
+    """The low-rank path: autograd on, so the cached inference weight is not used."""
+    out = model(inputs) if isinstance(inputs, torch.Tensor) else model(**inputs)
+    return (out if isinstance(out, torch.Tensor) else out.logits).detach()
+
+
+def test_cached_inference_weight_matches_the_low_rank_path(case):
+    _, model = make_peft(case, rank_schedule=[2, 3])
+    inputs = case.inputs()
+    run_tasks(model, inputs, 2)
+    train_steps(model, inputs)
+    cached = output(model, inputs)
+    assert all(layer._inference_weight is not None for layer in sdlora_layers(model))
+    assert (cached - outputs_with_grad_enabled(model, inputs)).abs().max() <= 1e-5
+
+
+def test_cached_inference_weight_follows_every_change():
+    _, model = make_peft(VIT_CASE, r=2, init_weights=False)
+    inputs = VIT_CASE.inputs()
+    model.add_adapter("other", SDLoraConfig(r=2, init_weights=False))
+
+    def assert_fresh():
+        assert (output(model, inputs) - outputs_with_grad_enabled(model, inputs)).abs().max() <= 1e-5
+
+    assert_fresh()
+    train_steps(model, inputs)  # optimizer steps modify A, B and the magnitudes in place
+    assert_fresh()
+    with torch.no_grad():
+        model.base_model.sdlora_magnitude["default"].mul_(3)
+    assert_fresh()
+    model.advance_task()
+    assert_fresh()
+    model.set_adapter("other")
+    assert_fresh()
+    model.set_adapter("default")
+    model.merge_adapter()
+    assert_fresh()
+    model.unmerge_adapter()
+    assert_fresh()
+    model.train()
+    assert all(layer._inference_weight is None for layer in sdlora_layers(model)), "train() frees the cache"
+
+
+def test_cache_can_be_turned_off():
+    _, model = make_peft(VIT_CASE, r=2, cache_inference_weight=False)
+    output(model, VIT_CASE.inputs())
+    assert all(layer._inference_weight is None for layer in sdlora_layers(model))
+
+
+def test_added_adapter_with_global_magnitudes_trains_only_once_active():
+    _, model = make_peft(VIT_CASE, r=2)
+    model.add_adapter("other", SDLoraConfig(r=3))
+    magnitudes = model.base_model.sdlora_magnitude
+    assert magnitudes["default"].requires_grad and not magnitudes["other"].requires_grad
+    model.set_adapter("other")
+    assert magnitudes["other"].requires_grad and not magnitudes["default"].requires_grad
+    train_steps(model, VIT_CASE.inputs())
+    assert model.advance_task().rank == 3 and magnitudes["other"].numel() == 2
