@@ -110,12 +110,25 @@ def extract(
         for batch in loader:
             batch_labels = batch.pop("labels")
             batch_logits = model(**batch).logits
-            gathered = accelerator.gather_for_metrics((captured.pop(), batch_logits, batch_labels))
+            batch_features = _pooled(captured.pop(), batch.get("attention_mask"))
+            gathered = accelerator.gather_for_metrics((batch_features, batch_logits, batch_labels))
             for store, tensor in zip((features, logits, labels), gathered):
                 store.append(tensor.float().cpu() if tensor.is_floating_point() else tensor.cpu())
     finally:
         hook.remove()
     return torch.cat(features), torch.cat(logits), torch.cat(labels)
+
+
+def _pooled(features: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Decoder classifiers (Llama's `score`) see every token's hidden state and pool their logits at the last real
+    token afterwards: take the features there too (the last attended position, whichever side is padded)."""
+    if features.dim() == 2:
+        return features
+    if attention_mask is None:
+        return features[:, -1]
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask * positions).argmax(dim=1)
+    return features[torch.arange(len(features), device=features.device), last]
 
 
 def _accuracy(scores: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> float:

@@ -74,3 +74,14 @@ def test_cosine_head_replaces_the_classifier_and_ignores_feature_scale():
 def test_unknown_head_lists_the_known_ones():
     with pytest.raises(ValueError, match="linear.*cosine.*ncm.*aligned"):
         make_head("knn")
+
+
+def test_decoder_features_are_taken_at_the_last_real_token():
+    from sdlora_peft.continual.train import _pooled
+
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    right_padded = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left_padded = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])
+    assert torch.equal(_pooled(hidden, right_padded), torch.stack([hidden[0, 1], hidden[1, 3]]))
+    assert torch.equal(_pooled(hidden, left_padded), hidden[:, 3])
+    assert torch.equal(_pooled(hidden[:, 0], None), hidden[:, 0])  # encoder heads already get pooled features
