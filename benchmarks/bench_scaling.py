@@ -197,6 +197,7 @@ class Variant:
     model: nn.Module
     tasks: int | None = None
     trains: bool = True
+    evaluated: nn.Module | None = None
     merged: nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
     times: dict[str, list[float]] = field(default_factory=dict)
@@ -231,7 +232,6 @@ def train_step(variant: Variant, batch: Batch) -> None:
 
 
 def inference(model: nn.Module, batch: Batch) -> None:
-    model.eval()
     with torch.no_grad():
         logits(model, batch)
 
@@ -292,8 +292,16 @@ def check_same_function(settings: Settings, batch: Batch, reference: nn.Module, 
 
 
 def prepare(settings: Settings, variant: Variant, base: nn.Module, batch: Batch) -> None:
-    """Optimizer, parameter counts, two warm-up steps (Adam creates its state in the first), peak memory."""
+    """Parameter counts, the inference copy, optimizer, two warm-up steps (Adam creates its state in the first),
+    peak memory.
+
+    Inference runs on a copy in eval mode that is never trained, as a served model would: a train step or a mode
+    switch in between would make it a measure of what changing the model costs (e.g. rebuilding a cached weight).
+    """
     variant.trainable, variant.stored = parameter_counts(variant, base)
+    variant.evaluated = (shared_copy(variant.model, base) if variant.trains else variant.model).eval()
+    if variant.merged is not None:
+        variant.merged.eval()
     if not variant.trains:
         return
     variant.optimizer = torch.optim.Adam([p for p in variant.model.parameters() if p.requires_grad], lr=1e-4)
@@ -309,7 +317,7 @@ def measurements(variants: list[Variant], batch: Batch) -> list[tuple[Variant, s
     for variant in variants:
         if variant.trains:
             calls.append((variant, "train", lambda v=variant: train_step(v, batch)))
-        calls.append((variant, "infer", lambda m=variant.model: inference(m, batch)))
+        calls.append((variant, "infer", lambda m=variant.evaluated: inference(m, batch)))
         if variant.merged is not None:
             calls.append((variant, "merged", lambda m=variant.merged: inference(m, batch)))
     return calls
