@@ -262,7 +262,8 @@ class SDLoraLinear(nn.Module, SDLoraLayer):
         return result
 
     def train(self, mode: bool = True) -> SDLoraLinear:
-        self._inference_weight = None  # training changes the adapters: free the cached weight
+        if mode:
+            self._inference_weight = None  # training changes the adapters: free the cached weight
         return super().train(mode)
 
     def _use_inference_weight(self, adapter_names: list[str]) -> bool:
