@@ -42,7 +42,7 @@ class SDLoraLayer(BaseTunerLayer):
         "sdlora_frozen_index",
     )
 
-    def __init__(self, base_layer: nn.Module, shared_magnitude: nn.ParameterDict, **kwargs: Any) -> None:
+    def __init__(self, base_layer: nn.Module, shared_magnitude: nn.ParameterDict) -> None:
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.sdlora_frozen_ranks: dict[str, list[int]] = {}
@@ -59,7 +59,6 @@ class SDLoraLayer(BaseTunerLayer):
         self.__dict__["_shared_magnitude"] = shared_magnitude
         self._disable_adapters = False
         self.merged_adapters = []
-        self.kwargs = kwargs
 
         base = self.get_base_layer()
         if isinstance(base, nn.Linear):

@@ -21,7 +21,16 @@ from peft import PeftModel
 
 from . import zoo
 from .baselines import METHOD_NAMES, AdapterOptions, make_method
-from .data import ImageCollator, TaskSplit, TextCollator, dataset_classes, detect_modality, split_dataset
+from .data import (
+    IMAGE_COLUMNS,
+    TEXT_COLUMNS,
+    ImageCollator,
+    TaskSplit,
+    TextCollator,
+    dataset_classes,
+    detect_modality,
+    split_dataset,
+)
 from .heads import HEAD_NAMES, make_head
 from .plots import write_plots
 from .report import build_summary, console_table, write_results
@@ -82,9 +91,9 @@ def _method_entries(value: str, default_head: str) -> list[tuple[str, str, str]]
 
 def _collate(args: argparse.Namespace, modality: str, processor: object, columns: list[str], train: bool, seed: int):
     if modality == "image":
-        column = args.image_column or next(c for c in columns if c in ("image", "img", "pixel_values"))
+        column = args.image_column or next(c for c in columns if c in IMAGE_COLUMNS)
         return ImageCollator(column, args.label_column, args.image_size, processor, args.augment, train, seed)
-    column = args.text_column or next(c for c in columns if c in ("text", "sentence", "content"))
+    column = args.text_column or next(c for c in columns if c in TEXT_COLUMNS)
     return TextCollator(processor, column, args.label_column, args.max_length)
 
 
