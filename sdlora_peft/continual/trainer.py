@@ -1,0 +1,221 @@
+"""Class-incremental task sequences with transformers' `Trainer`.
+
+`ContinualTrainer` is a `Trainer` that learns a list of tasks one after the other:
+
+    trainer = ContinualTrainer(model=peft_model, args=TrainingArguments("out", max_steps=100))
+    trainer.train_tasks([task_0, task_1, task_2])             # one datasets.Dataset per task
+    trainer.train_tasks(tasks, resume_from_checkpoint=True)   # after a crash: continue where it stopped
+
+Why a `Trainer` subclass and not a `TrainerCallback`: a callback sees the optimizer and the data but cannot replace
+them, while a task sequence has to swap the training set, rebuild the optimizer and scheduler for the new trainable
+set (`advance_task()` creates a new direction and magnitude) and mask the loss to the current task's classes. A
+subclass that adds one method, `train_tasks`, does this the way `Seq2SeqTrainer` extends `Trainer`, and keeps
+everything else of `Trainer`: callbacks, reporters (`report_to`), mid-task checkpoints, Accelerate and devices.
+
+Layout of `args.output_dir`, one folder per task (0-based, as `TaskRecord.task`):
+
+    task_0/                 the adapter after task 0 (save_pretrained) and task_state.json
+    task_0/checkpoint-N/    Trainer's own mid-task checkpoints (if `save_strategy` asks for them)
+    task_1/ ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peft import PeftModel
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import TrainOutput, enable_full_determinism, get_last_checkpoint, set_seed
+
+from ..config import SDLoraConfig
+from .train import masked_cross_entropy
+
+TASK_STATE_NAME = "task_state.json"
+MAGNITUDE_KEY = "sdlora/magnitude/task_{}"
+
+
+def task_folder(output_dir: str | os.PathLike, task: int) -> Path:
+    """The folder of task `task` (0-based) under a run's output directory."""
+    return Path(output_dir, f"task_{task}")
+
+
+def task_magnitudes(model: nn.Module) -> dict[int, float]:
+    """Magnitude of every stored direction and of the current one, by task index (mean over layers when magnitudes
+    are per layer). Tasks whose direction was absorbed (SD-LoRA-KD, or never trained) have no magnitude."""
+    adapter = model.active_adapter
+    config = model.peft_config[adapter]
+    suffix = f"sdlora_magnitude.{adapter}"
+    values = torch.stack([p.detach().float() for n, p in model.named_parameters() if n.endswith(suffix)]).mean(0)
+    tasks = [record["task"] for record in config.task_history if not record["absorbed"]] + [config.current_task]
+    return dict(zip(tasks, values.tolist()))
+
+
+class ContinualTrainer(Trainer):
+    """A `Trainer` for a sequence of class-incremental tasks on an SD-LoRA `PeftModel`.
+
+    `train_tasks` trains task t on its own dataset with the loss restricted to task t's classes (the logits of other
+    classes are masked, so old classes' head rows get no gradient), calls `advance_task()` between tasks, builds a
+    fresh optimizer and scheduler for each task, and saves each task's adapter in `output_dir/task_t`. Every log
+    entry carries the current magnitudes as `sdlora/magnitude/task_k`, so they reach the reporters of `report_to`
+    and every callback's `on_log`. Evaluation losses use every class seen so far.
+
+    Each task starts from the seed `args.seed + t`, so a sequence resumed in a new process draws the same random
+    numbers (new directions, shuffling, dropout) as an uninterrupted one. `args.max_steps` / `num_train_epochs` are
+    per task. Pass optimizer settings through `optimizer_cls_and_kwargs` or `args`, not as optimizer instances:
+    the trainable parameters are new objects at every task.
+    """
+
+    loss_is_scaled_for_ga = False  # masked_cross_entropy is a per-batch mean
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.optimizer is not None or self.lr_scheduler is not None:
+            raise ValueError(
+                "ContinualTrainer builds a new optimizer for each task (the trainable parameters change); pass "
+                "`optimizer_cls_and_kwargs=(cls, kwargs)` instead of `optimizers=(optimizer, scheduler)`."
+            )
+        self.task: int | None = None
+        self.task_classes: list[int] = []
+        self.seen_classes: list[int] = []
+
+    def train_tasks(
+        self,
+        tasks: Sequence[Dataset],
+        task_classes: Sequence[Sequence[int]] | None = None,
+        resume_from_checkpoint: str | os.PathLike | bool | None = None,
+    ) -> list[TrainOutput]:
+        """Train the tasks in order; return each trained task's `TrainOutput`.
+
+        Args:
+            tasks: One training set per task; `tasks[t]` is task t.
+            task_classes: The classes of each task. Default: the distinct values of each dataset's `labels` or
+                `label` column.
+            resume_from_checkpoint: `True` continues after the last checkpoint in `args.output_dir` (a finished
+                task's folder, or a later Trainer checkpoint inside the next task's folder); a path names one of
+                those folders. The model passed to the trainer is rebuilt from it, so it can be a fresh one.
+        """
+        classes = [list(c) for c in task_classes] if task_classes is not None else [_classes(t) for t in tasks]
+        if len(classes) != len(tasks):
+            raise ValueError(f"Got {len(tasks)} tasks but classes for {len(classes)}.")
+        start, checkpoint = 0, None
+        if resume_from_checkpoint:
+            folder = self._resume(resume_from_checkpoint, classes)
+            if _is_task_folder(folder):  # a finished task: go on with the next one
+                start = self._config().current_task + 1
+            else:  # a Trainer checkpoint: finish its task first
+                start, checkpoint = self._config().current_task, folder
+        outputs = []
+        for task in range(start, len(tasks)):
+            outputs.append(self._train_task(task, tasks[task], classes, checkpoint if task == start else None))
+        return outputs
+
+    def _train_task(
+        self, task: int, dataset: Dataset, classes: list[list[int]], checkpoint: str | None
+    ) -> TrainOutput:
+        self._seed(task)
+        config = self._config()
+        if config.current_task == task - 1:  # the model holds the trained previous task
+            self.model.advance_task()
+        elif config.current_task != task:
+            raise ValueError(
+                f"The model's adapter is at task {config.current_task}; it cannot train task {task}. To continue a "
+                "sequence, pass resume_from_checkpoint."
+            )
+        self.task, self.task_classes = task, classes[task]
+        self.seen_classes = [c for task_classes in classes[: task + 1] for c in task_classes]
+        self.train_dataset = dataset
+        self.optimizer, self.lr_scheduler = None, None  # built again by train() for the new trainable set
+        output = self.train(resume_from_checkpoint=checkpoint)
+        self._save_task(task)
+        return output
+
+    def _seed(self, task: int) -> None:
+        seed = self.args.seed + task
+        enable_full_determinism(seed) if self.args.full_determinism else set_seed(seed)
+
+    def _config(self) -> SDLoraConfig:
+        return self.model.peft_config[self.model.active_adapter]
+
+    def _save_task(self, task: int) -> None:
+        """The adapter after this task, and what a resumed run checks it continues the same sequence with."""
+        folder = task_folder(self.args.output_dir, task)
+        self.save_model(str(folder))
+        if self.args.should_save:
+            state = {"task": task, "classes": self.task_classes, "seed": self.args.seed + task}
+            (folder / TASK_STATE_NAME).write_text(json.dumps(state, indent=2))
+            self.state.save_to_json(str(folder / "trainer_state.json"))
+
+    def _resume(self, checkpoint: str | os.PathLike | bool, classes: list[list[int]]) -> str:
+        """Rebuild the model from `checkpoint` (found in `output_dir` for `True`) and return its folder."""
+        folder = _last_checkpoint(self.args.output_dir) if checkpoint is True else str(checkpoint)
+        if folder is None:
+            raise ValueError(f"No task folder or checkpoint found in {self.args.output_dir}.")
+        if _is_task_folder(folder):
+            state = json.loads(Path(folder, TASK_STATE_NAME).read_text())
+            if state["classes"] != classes[state["task"]]:
+                raise ValueError(
+                    f"{folder} was trained on classes {state['classes']}, but task {state['task']} now has classes "
+                    f"{classes[state['task']]}: pass the same task sequence to resume."
+                )
+        # A finished task's adapter or a Trainer checkpoint: either way its config holds the adapter's structure.
+        adapter = self.model.active_adapter
+        self.model = PeftModel.from_pretrained(self.model.unload(), folder, adapter, is_trainable=True)
+        self.model_wrapped = self.callback_handler.model = self.model
+        return folder
+
+    def _get_output_dir(self, trial: object) -> str:
+        """Trainer's mid-task checkpoints go into the task's folder: steps restart at 0 with every task."""
+        run_dir = super()._get_output_dir(trial)
+        return run_dir if self.task is None else str(task_folder(run_dir, self.task))
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, object]:
+        """Cross-entropy over the current task's classes while training, over all seen classes when evaluating."""
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        classes = (self.task_classes if model.training else self.seen_classes) or list(range(outputs.logits.shape[-1]))
+        loss = masked_cross_entropy(outputs.logits, labels, torch.tensor(classes, device=labels.device))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the task index and the magnitudes to every log entry (training and evaluation alike)."""
+        extra = {MAGNITUDE_KEY.format(task): value for task, value in task_magnitudes(self.model).items()}
+        if self.task is not None:
+            extra["sdlora/task"] = self.task
+        super().log({**logs, **extra}, start_time)
+
+
+def _classes(dataset: Dataset) -> list[int]:
+    column = next((c for c in ("labels", "label") if c in dataset.column_names), None)
+    if column is None:
+        raise ValueError(f"No `labels` or `label` column in {dataset.column_names}; pass task_classes=.")
+    return sorted(int(c) for c in dataset.unique(column))
+
+
+def _is_task_folder(folder: str | None) -> bool:
+    return folder is not None and Path(folder, TASK_STATE_NAME).is_file()
+
+
+def _last_checkpoint(output_dir: str) -> str | None:
+    """The newest resumable state: a Trainer checkpoint inside the first unfinished task, else the last finished
+    task's folder."""
+    names = (re.fullmatch(r"task_(\d+)", name) for name in os.listdir(output_dir))
+    tasks = [int(match[1]) for match in names if match]
+    finished = max((t for t in tasks if _is_task_folder(task_folder(output_dir, t))), default=-1)
+    next_task = task_folder(output_dir, finished + 1)
+    if next_task.is_dir() and get_last_checkpoint(next_task) is not None:
+        return get_last_checkpoint(next_task)
+    return str(task_folder(output_dir, finished)) if finished >= 0 else None
