@@ -1,4 +1,4 @@
-"""Register SD-LoRA with PEFT's tuner registry.
+"""Register SD-LoRA with PEFT's tuner registry (and its model card with PEFT's save and push, see `card`).
 
 peft's `register_peft_method` only accepts names that already exist in its `PeftType` enum, so the member is added
 at import time. If a future peft ships `PeftType.SDLORA` itself, that member is used as is.
@@ -30,13 +30,16 @@ def ensure_peft_type() -> PeftType:
 
 
 def register() -> None:
-    """Register `SDLoraConfig` / `SDLoraModel` with peft; calling it again is harmless."""
+    """Register `SDLoraConfig` / `SDLoraModel` with peft, and SD-LoRA's model card with `PeftModel`'s save and
+    push; calling it again is harmless."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
+    from .card import install_card_hooks
     from .config import SDLoraConfig
     from .model import SDLoraModel
 
+    install_card_hooks()
     peft_type = ensure_peft_type()
     if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is SDLoraModel:
         return
