@@ -167,3 +167,16 @@ def put_old_direction(model, coefficient: float = 2.0) -> None:
         with torch.no_grad():
             layer.sdlora_A["default"].zero_()[:rank] = layer.sdlora_frozen_A["default"][:rank]
             layer.sdlora_B["default"].zero_()[:, :rank] = coefficient * layer.sdlora_frozen_B["default"][:, :rank]
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """Hub offline mode and an empty Hub cache of the test's own: whatever tries to reach the Hub fails instead."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # peft reads the variable itself
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
