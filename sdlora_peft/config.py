@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import file_exists, try_to_load_from_cache
 from peft.config import PeftConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from safetensors import SafetensorError, safe_open
 
 from .registration import ensure_peft_type
 
@@ -15,6 +22,8 @@ RR_RANK_FRACTIONS = ((4, 1.0), (8, 0.8), (None, 0.6))
 MAGNITUDE_SHARINGS = ("global", "layer")
 DIRECTION_NORMS = ("frobenius", "factor")
 FREEZE_SCALES = ("preserve", "unit")
+ALLOW_PICKLE_ENV = "SDLORA_ALLOW_PICKLE"
+"""Set to 1 to load an adapter saved only as a pickle (`adapter_model.bin`); safetensors are required otherwise."""
 
 
 def _is_number(value: object) -> bool:
@@ -26,8 +35,18 @@ def _is_positive_int(value: object) -> bool:
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+
+
+def _check_type(name: str, value: object, accepted: tuple[type, ...], item: type | None, what: str) -> None:
+    """`value` must be None, an instance of `accepted`, or a list/set of `item` (bools are not ints here)."""
+    if value is None or (isinstance(value, accepted) and not isinstance(value, bool)):
+        return
+    if item is not None and isinstance(value, (list, set)):
+        if all(isinstance(entry, item) and not isinstance(entry, bool) for entry in value):
+            return
+    raise ValueError(f"`{name}` must be {what}, got {value!r}.")
 
 
 @dataclass
@@ -159,18 +178,35 @@ class SDLoraConfig(PeftConfig):
                     f"`rank_schedule` must be None, 'rr' or a non-empty list of positive integers, "
                     f"got {self.rank_schedule!r}."
                 )
-        if not _is_number(self.magnitude_init):
-            raise ValueError(f"`magnitude_init` must be a number, got {self.magnitude_init!r}.")
+        if not (_is_number(self.magnitude_init) and math.isfinite(self.magnitude_init)):
+            raise ValueError(f"`magnitude_init` must be a finite number, got {self.magnitude_init!r}.")
+        for name in ("reset_magnitudes", "fan_in_fan_out", "cache_inference_weight", "init_weights", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        self._validate_module_selection()
         _check_choice("magnitude_sharing", self.magnitude_sharing, MAGNITUDE_SHARINGS)
         _check_choice("direction_norm", self.direction_norm, DIRECTION_NORMS)
         _check_choice("freeze_scale", self.freeze_scale, FREEZE_SCALES)
         if self.kd_threshold is not None and not (_is_number(self.kd_threshold) and self.kd_threshold >= 0):
             raise ValueError(f"`kd_threshold` must be None or a number >= 0, got {self.kd_threshold!r}.")
+        _check_task_history(self.task_history)
+
+    def _validate_module_selection(self) -> None:
+        """Types of the fields that select modules: PEFT would otherwise match a name such as 5 or iterate over the
+        characters of a string."""
+        names = "a module name, a regex string, or a list of module names"
+        _check_type("target_modules", self.target_modules, (str,), str, names)
+        _check_type("exclude_modules", self.exclude_modules, (str,), str, names)
+        _check_type("modules_to_save", self.modules_to_save, (), str, "a list of module names")
+        _check_type("layers_pattern", self.layers_pattern, (str,), str, "a name or a list of names")
+        _check_type("layers_to_transform", self.layers_to_transform, (int,), int, "an int or a list of ints")
+        indices = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+        if indices is not None and any(index < 0 for index in indices):
+            raise ValueError(f"`layers_to_transform` must hold layer indices >= 0, got {self.layers_to_transform!r}.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("`layers_pattern` needs `layers_to_transform`.")
-        _check_task_history(self.task_history)
 
     def rank_for_task(self, task: int) -> int:
         """The rank of task `task`'s direction (0-based task index)."""
@@ -192,6 +228,98 @@ class SDLoraConfig(PeftConfig):
         """Ranks of the stored (not absorbed) frozen directions, oldest first."""
         return [record["rank"] for record in self.task_history if not record["absorbed"]]
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> SDLoraConfig:
+        """PEFT's `from_pretrained`, plus the checks an SD-LoRA adapter needs before anything is built from it: the
+        config file is valid JSON with known fields and valid values (errors name the file), and the weights next to
+        it are safetensors with an intact header. An adapter saved only as a pickle (`adapter_model.bin`) is refused
+        unless the environment variable `SDLORA_ALLOW_PICKLE=1` is set."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        _check_weights_file(pretrained_model_name_or_path, subfolder, kwargs)
+        return config
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict:
+        """Read an `adapter_config.json`, refusing invalid JSON, another PEFT method, unknown fields and invalid
+        values with an error that names the file. Nothing in the file is imported or executed: values are plain
+        JSON and only this dataclass's fields are accepted."""
+        try:
+            attributes = super().from_json_file(path_json_file, **kwargs)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{path_json_file} is not valid JSON ({error}). Re-save the adapter with save_pretrained()."
+            ) from None
+        problem = _config_dict_problem(cls, attributes)
+        if problem:
+            raise ValueError(f"{path_json_file}: {problem}")
+        return attributes
+
+
+def _config_dict_problem(cls: type[SDLoraConfig], attributes: object) -> str | None:
+    """Why a loaded config dict cannot make an `SDLoraConfig`, or None."""
+    if not isinstance(attributes, dict):
+        return f"expected a JSON object, got {type(attributes).__name__}."
+    if attributes.get("peft_type") != "SDLORA":
+        return f"`peft_type` is {attributes.get('peft_type')!r}, not 'SDLORA': this is not an SD-LoRA adapter."
+    unknown = sorted(set(attributes) - {f.name for f in fields(cls)})
+    if unknown:
+        # An SD-LoRA adapter's structure lives in its config: a field this version does not know could change the
+        # function, so it is not silently dropped (PEFT's default).
+        return (
+            f"unknown fields {unknown}. The adapter was written by a newer sdlora_peft/peft (upgrade them), or the "
+            "file was edited (remove those fields)."
+        )
+    try:
+        cls(**{key: value for key, value in attributes.items() if key != "peft_type"})
+    except (TypeError, ValueError) as error:
+        return f"{error} Fix the value in the file or re-save the adapter."
+    return None
+
+
+def _check_weights_file(model_id: str, subfolder: str | None, hub_kwargs: dict) -> None:
+    """Refuse pickle-only adapters (unless opted in) and safetensors files whose header is damaged, before PEFT
+    builds layers for them. PEFT's loader takes `adapter_model.safetensors` if it exists and falls back to
+    `adapter_model.bin` (read with `torch.load(weights_only=True)`); the same order is checked here."""
+    path = os.path.join(model_id, subfolder) if subfolder else model_id
+    if os.path.isdir(path):
+        safetensors_file = os.path.join(path, SAFETENSORS_WEIGHTS_NAME)
+        has_safetensors = os.path.isfile(safetensors_file)
+        has_pickle = os.path.isfile(os.path.join(path, WEIGHTS_NAME))
+    else:
+        safetensors_file = None
+        has_safetensors = _hub_has(model_id, SAFETENSORS_WEIGHTS_NAME, subfolder, hub_kwargs)
+        has_pickle = not has_safetensors and _hub_has(model_id, WEIGHTS_NAME, subfolder, hub_kwargs)
+    if has_pickle and not has_safetensors and os.environ.get(ALLOW_PICKLE_ENV) != "1":
+        raise ValueError(
+            f"{path} holds the adapter weights only as a pickle ({WEIGHTS_NAME}); SD-LoRA loads "
+            f"{SAFETENSORS_WEIGHTS_NAME} only, since unpickling a downloaded file can be unsafe. Re-save the adapter "
+            f"with save_pretrained() (safetensors is the default), or, if you trust the file, set "
+            f"{ALLOW_PICKLE_ENV}=1 to let PEFT read it with torch.load(weights_only=True)."
+        )
+    if safetensors_file and has_safetensors:
+        try:
+            with safe_open(safetensors_file, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"{safetensors_file} is truncated or corrupted ({error}); nothing was loaded. Download or save the "
+                "adapter again."
+            ) from None
+
+
+def _hub_has(repo_id: str, filename: str, subfolder: str | None, hub_kwargs: dict) -> bool:
+    """Whether a Hub repository has `filename`: asked online, looked up in the local cache when offline."""
+    filename = f"{subfolder}/{filename}" if subfolder else filename
+    revision, repo_type = hub_kwargs.get("revision"), hub_kwargs.get("repo_type")
+    if hub_constants.HF_HUB_OFFLINE:
+        cached = try_to_load_from_cache(
+            repo_id, filename, cache_dir=hub_kwargs.get("cache_dir"), revision=revision, repo_type=repo_type
+        )
+        return isinstance(cached, str)
+    return file_exists(repo_id, filename, revision=revision, repo_type=repo_type, token=hub_kwargs.get("token"))
+
 
 _TASK_RECORD_KEYS = {"task", "rank", "absorbed", "residual"}
 
@@ -206,9 +334,12 @@ def _check_task_history(history: object) -> None:
                 f"`task_history[{index}]` must be a dict with exactly the keys {sorted(_TASK_RECORD_KEYS)}, "
                 f"got {record!r}."
             )
-        if record["task"] != index:
+        if not _is_number(record["task"]) or record["task"] != index:
             raise ValueError(f"`task_history[{index}]` has task index {record['task']!r}; tasks must be 0, 1, 2, ...")
         if not _is_positive_int(record["rank"]):
             raise ValueError(f"`task_history[{index}]['rank']` must be a positive integer, got {record['rank']!r}.")
         if not isinstance(record["absorbed"], bool):
             raise ValueError(f"`task_history[{index}]['absorbed']` must be true or false, got {record['absorbed']!r}.")
+        residual = record["residual"]
+        if residual is not None and not (_is_number(residual) and math.isfinite(residual) and residual >= 0):
+            raise ValueError(f"`task_history[{index}]['residual']` must be null or a number >= 0, got {residual!r}.")

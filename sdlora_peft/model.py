@@ -28,7 +28,8 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 """Default `target_modules` by `config.model_type`: the query and value projections, as in the paper."""
 
 EMPTY_NORM = 1e-10
-"""A direction whose norm is below this at `advance_task()` is treated as zero (it changes no weight measurably)."""
+"""A direction whose norm is at most this at `advance_task()` is treated as zero (it changes no weight measurably).
+In float16 the floor is the dtype's smallest normal number instead (see `_is_live`)."""
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,18 @@ class SDLoraModel(BaseTuner):
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception:
-            if adapter_name in self.sdlora_magnitude:
-                del self.sdlora_magnitude[adapter_name]
+            self._discard_adapter(adapter_name)
             raise
+
+    def _discard_adapter(self, adapter_name: str) -> None:
+        """Undo a failed injection or load of `adapter_name`, so that the model is left as it was: with no other
+        adapter, every wrapped module is put back; otherwise only this adapter is removed."""
+        if set(self.peft_config) <= {adapter_name}:
+            self._unload_and_optionally_merge(merge=False)
+        elif adapter_name in self.peft_config:
+            self.delete_adapter(adapter_name)
+        if adapter_name in self.sdlora_magnitude:
+            del self.sdlora_magnitude[adapter_name]
 
     def _prepare_adapter_config(self, peft_config: SDLoraConfig, model_config: dict) -> SDLoraConfig:
         if peft_config.target_modules is None:
@@ -221,7 +231,7 @@ class SDLoraModel(BaseTuner):
                 f"Task {task}'s direction of adapter {adapter_name!r} has non-finite values (training diverged?); "
                 "nothing was changed. Lower the learning rate or train the adapter in float32."
             )
-        live = norms > EMPTY_NORM
+        live = _is_live(norms, layers[0].sdlora_A[adapter_name].dtype)
         if not live.any():
             warnings.warn(
                 f"Task {task}'s direction of adapter {adapter_name!r} is zero (was it trained?); it is dropped and "
@@ -301,23 +311,49 @@ class SDLoraModel(BaseTuner):
         cls, model: nn.Module, config: SDLoraConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Map checkpoint keys to the model and refuse, before anything is loaded, weights whose shapes or keys
-        do not match the adapter's task history."""
+        do not match the adapter's task history, or that hold non-finite values. On refusal the adapter PEFT has
+        just injected for them is removed again, so a failed load leaves the model as it was."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        expected = {k: v.shape for k, v in model.state_dict().items() if _is_sdlora_key(k, adapter_name)}
-        problems = [f"missing {key}" for key in expected if key not in remapped]
-        problems += [
-            f"{key}: checkpoint {tuple(remapped[key].shape)}, expected {tuple(shape)}"
-            for key, shape in expected.items()
-            if key in remapped and remapped[key].shape != shape
-        ]
-        if problems:
+        problems = _checkpoint_problems(model.state_dict(), remapped, adapter_name)
+        if not problems:
+            return remapped
+        if isinstance(getattr(model, "base_model", None), SDLoraModel):
+            model.base_model._discard_adapter(adapter_name)
+        if problems[0].startswith("non-finite"):
             raise ValueError(
-                f"The SD-LoRA weights do not match the task history in adapter_config.json "
-                f"({len(config.task_history)} finished tasks, frozen ranks {config.frozen_ranks}, current rank "
-                f"{config.rank_for_task(config.current_task)}), or were made for another base model. "
-                f"Nothing was loaded. First problems: {problems[:5]}"
+                f"The SD-LoRA weights hold NaN or infinite values (a corrupted file, or training diverged). Nothing "
+                f"was loaded. Problems: {problems[:5]}"
             )
-        return remapped
+        raise ValueError(
+            f"The SD-LoRA weights do not match the task history in adapter_config.json "
+            f"({len(config.task_history)} finished tasks, frozen ranks {config.frozen_ranks}, current rank "
+            f"{config.rank_for_task(config.current_task)}), or were made for another base model. "
+            f"Nothing was loaded. First problems: {problems[:5]}"
+        )
+
+
+def _checkpoint_problems(
+    model_state: dict[str, torch.Tensor], checkpoint: dict[str, torch.Tensor], adapter_name: str
+) -> list[str]:
+    """What keeps `checkpoint` from loading into the adapter's tensors: shape problems first, else non-finite
+    values."""
+    expected = {key: value.shape for key, value in model_state.items() if _is_sdlora_key(key, adapter_name)}
+    problems = [f"missing {key}" for key in expected if key not in checkpoint]
+    problems += [
+        f"{key}: checkpoint {tuple(checkpoint[key].shape)}, expected {tuple(shape)}"
+        for key, shape in expected.items()
+        if key in checkpoint and checkpoint[key].shape != shape
+    ]
+    if problems:
+        return problems
+    return [f"non-finite values in {key}" for key in expected if not torch.isfinite(checkpoint[key]).all()]
+
+
+def _is_live(norms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Which layers' directions count as non-zero. A frozen direction is stored with the scale `c / norm` in the
+    adapter's dtype, so a norm below the dtype's smallest normal number (float16: 6e-5) would overflow that scale
+    to infinity; such a direction is below the dtype's resolution anyway and is treated as zero."""
+    return norms > max(EMPTY_NORM, torch.finfo(dtype).tiny)
 
 
 def _is_sdlora_key(key: str, adapter_name: str) -> bool:
