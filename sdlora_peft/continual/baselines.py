@@ -1,16 +1,19 @@
 """The methods compared side by side: SD-LoRA's variants and the peers a user would otherwise pick.
 
 A `Method` decides how the backbone is adapted (`wrap`) and what happens when a task ends (`end_task`); the loop,
-the head and the data are the same for all of them (see train.run_sequence). SD-LoRA is used through PEFT's public
+the head and the data are the same for all of them (see train.run_sequence). `save` and `restore` checkpoint a
+model between tasks, so that an interrupted run continues where it stopped. SD-LoRA is used through PEFT's public
 API only, like any other PEFT method.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import SDLoraConfig
@@ -54,6 +57,24 @@ class Method:
         """Parameters stored beyond the pretrained backbone and the classification layer."""
         return 0
 
+    def save(self, model: nn.Module, directory: Path) -> None:
+        """Write what `restore` needs to rebuild `model` as it is between two tasks: here its trainable tensors."""
+        trained = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+        save_file(trained, directory / "trained.safetensors")
+
+    def restore(self, model: nn.Module, directory: Path) -> nn.Module:
+        """`model`, as `wrap` receives it, wrapped and brought to the state `save` wrote into `directory`."""
+        model = self.wrap(model)
+        _load_tensors(model, directory / "trained.safetensors")
+        return model
+
+
+def _load_tensors(model: nn.Module, path: Path) -> None:
+    """Load a partial state dict, refusing names the model does not have (a checkpoint of another model)."""
+    unexpected = model.load_state_dict(load_file(path), strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{path} does not fit the model: it has no tensor named {unexpected[0]!r}.")
+
 
 class FrozenNCM(Method):
     """SimpleCIL: a frozen backbone and nothing trained; pair it with the `ncm` head."""
@@ -65,7 +86,18 @@ class FrozenNCM(Method):
         return model.requires_grad_(False)
 
 
-class SequentialLoRA(Method):
+class PeftMethod(Method):
+    """A method whose model is a PeftModel: checkpoints are PEFT's own adapter files, so that the adapter's structure
+    (SD-LoRA's frozen directions) comes back from its config."""
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory)
+
+    def restore(self, model: nn.Module, directory: Path) -> nn.Module:
+        return PeftModel.from_pretrained(model, directory, is_trainable=True)
+
+
+class SequentialLoRA(PeftMethod):
     """PEFT's LoRA, one adapter trained through all tasks (also the `joint` upper bound on a single task)."""
 
     name = "lora-seq"
@@ -107,8 +139,19 @@ class MergedLoRA(SequentialLoRA):
         layers = [m for n, m in model.named_modules() if n.endswith("base_layer")]
         return sum(layer.weight.numel() for layer in layers)
 
+    def save(self, model: nn.Module, directory: Path) -> None:
+        """The fresh adapter and the adapted layers' weights, into which the earlier tasks were merged."""
+        super().save(model, directory)
+        merged = {name: t.contiguous() for name, t in model.state_dict().items() if ".base_layer." in name}
+        save_file(merged, directory / "merged.safetensors")
 
-class SDLoRA(Method):
+    def restore(self, model: nn.Module, directory: Path) -> nn.Module:
+        model = super().restore(model, directory)
+        _load_tensors(model, directory / "merged.safetensors")
+        return model
+
+
+class SDLoRA(PeftMethod):
     """SD-LoRA through PEFT: `advance_task()` after every task."""
 
     def __init__(self, options: AdapterOptions, name: str = "sdlora", **variant) -> None:
@@ -168,6 +211,15 @@ class SDLoRAAblation(SDLoRA):
         if self.mode == "single" or (self.mode == "first" and model.peft_config["default"].current_task > 0):
             return model
         model.advance_task()
+        return self._constrain(model)
+
+    def restore(self, model: nn.Module, directory: Path) -> nn.Module:
+        model = super().restore(model, directory)
+        return self._constrain(model) if model.peft_config["default"].current_task > 0 else model
+
+    def _constrain(self, model: nn.Module) -> nn.Module:
+        """What the ablation keeps from training once a first task is done (the trainable tensors are new after
+        each `advance_task()`, and after a restore)."""
         for name, parameter in model.named_parameters():
             if self.mode == "first" and ("sdlora_A" in name or "sdlora_B" in name):
                 parameter.requires_grad_(False)

@@ -5,12 +5,17 @@
 Every method runs through the same loop, data, head and seeds; the results go to OUTDIR as results.json,
 results.md and PNG plots, with each method's final adapter. With no arguments it runs a short offline demo.
 Launch on several processes with `accelerate launch -m sdlora_peft.continual.cli ...` (or torchrun).
+
+A checkpoint is saved after every task of every (method, seed) run; `sdlora-cil --resume OUTDIR` continues a
+stopped run from there, skipping the finished runs, and ends with the results an uninterrupted run gives.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,13 +38,27 @@ from .data import (
 )
 from .heads import HEAD_NAMES, make_head
 from .plots import write_plots
-from .report import build_summary, console_table, write_results
+from .report import atomic_write_dir, build_summary, console_table, write_json, write_results
 from .train import TrainSettings, run_sequence
 
 DEFAULT_HEAD = "aligned"  # the best SD-LoRA pipeline measured (benchmarks/accuracy/ACCURACY.md)
+RUN_STATE = ("config.json", "checkpoints")  # what OUTDIR holds of a started run, besides its results
+NOT_CONFIG = ("output", "overwrite", "resume")  # options that say where to write, not what to run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options; with `--resume OUTDIR`, the options saved in OUTDIR, which any option given must agree with."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.resume is None:
+        return args
+    defaults, unset = vars(parser.parse_args([])), object()
+    parser.set_defaults(**dict.fromkeys(defaults, unset))  # parse again to tell the options given
+    given = {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
+    return _resumed(args.resume, given, defaults)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlora-cil", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--model", default="dinov2-small", help=f"hub id, local dir, or one of {list(zoo.MODEL_NAMES)}")
@@ -55,7 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "backbone, 10x below the head, limits feature drift)")  # fmt: skip
     add("--seeds", default="0", help="comma-separated seeds; each fixes the class order and the initialisation")
     add("--output", default="runs/cil", help="output directory")
-    add("--overwrite", action="store_true", help="write into an OUTDIR that already holds results")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="start afresh in an OUTDIR that holds a run")
+    again.add_argument("--resume", metavar="OUTDIR", default=None, help="continue the run saved in OUTDIR from "
+                       "its last finished task, with its options")  # fmt: skip
     add("--max-train-per-class", type=int, default=None)
     add("--max-test-per-class", type=int, default=None)
     add("--image-size", type=int, default=56)
@@ -71,7 +93,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--freeze-scale", default="preserve", choices=("preserve", "unit"))
     add("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     add("--gradient-accumulation-steps", type=int, default=1)
-    return parser.parse_args(argv)
+    return parser
+
+
+def _resumed(output: str, given: dict, defaults: dict) -> argparse.Namespace:
+    """The options saved in `output` (defaults for any added since); refuse if an option given on the command line
+    says otherwise."""
+    saved_path = Path(output) / "config.json"
+    if not saved_path.is_file():
+        raise SystemExit(f"--resume {output}: there is no run to resume there (no config.json).")
+    saved = {**_config(argparse.Namespace(**defaults)), **json.loads(saved_path.read_text())}
+    if given.get("output", output) != output:
+        raise SystemExit(f"--resume {output} writes into {output}; leave out --output {given['output']}.")
+    for name, value in given.items():
+        if name not in NOT_CONFIG and value != saved[name]:
+            option = "--" + name.replace("_", "-")
+            raise SystemExit(
+                f"--resume {output}: {option} is {value!r} here but {saved[name]!r} in the saved run. Leave it out "
+                "to resume with the saved options, or start a new run in another --output."
+            )
+    return argparse.Namespace(**saved, output=output, overwrite=False, resume=output)
 
 
 def _csv(value: str | None, cast: type = str) -> list | None:
@@ -97,21 +138,48 @@ def _collate(args: argparse.Namespace, modality: str, processor: object, columns
     return TextCollator(processor, column, args.label_column, args.max_length)
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
-    if (output / "results.json").exists() and not overwrite:
-        raise SystemExit(f"{output} already holds results; pass --overwrite or choose another --output.")
+def _start_output(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Refuse to write over an earlier run without --overwrite; with it, forget that run's checkpoints. A new run
+    saves its options, which --resume reads back."""
+    output = Path(args.output)
+    if args.resume:
+        return
+    started = [name for name in ("results.json", *RUN_STATE) if (output / name).exists()]
+    if started and not args.overwrite:
+        raise SystemExit(
+            f"{output} already holds a run ({started[0]}); pass --resume {output} to continue it, --overwrite to "
+            "start afresh, or choose another --output."
+        )
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes
+    if accelerator.is_main_process:
+        shutil.rmtree(output / "checkpoints", ignore_errors=True)
+        write_json(output / "config.json", _config(args))
+
+
+def _config(args: argparse.Namespace) -> dict:
+    return {name: value for name, value in vars(args).items() if name not in NOT_CONFIG}
+
+
+def _finish(output: Path, name: str, seed: int, model: object, record: dict) -> None:
+    """Save a finished (method, seed) run: its adapter, then its record, which tells --resume the run is done,
+    then forget its checkpoints."""
+    run_state = output / "checkpoints" / name / f"seed_{seed}"
+    if isinstance(model, PeftModel):
+        atomic_write_dir(output / "adapters" / name / f"seed_{seed}", model.save_pretrained)
+    write_json(run_state.with_suffix(".json"), record)
+    shutil.rmtree(run_state, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> dict:
     """Run every method on every seed; write and return the results."""
     output = Path(args.output)
-    _check_output(output, args.overwrite)
     # split_batches: --batch-size is the global batch, so N processes take the steps one process would
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+    _start_output(args, accelerator)
     data = zoo.load_dataset(args.dataset)
     train_data, test_data = data["train"], data["test"]
     modality = detect_modality(train_data, args.image_column, args.text_column)
@@ -131,11 +199,16 @@ def run(args: argparse.Namespace) -> dict:
         test_sets = split_dataset(test_data, split, args.label_column, args.max_test_per_class, seed)
         set_seed(seed)
         base, processor, info = zoo.load_model(args.model, len(classes), modality=modality)
-        collate = _collate(args, modality, processor, train_data.column_names, train=True, seed=seed)
-        eval_collate = _collate(args, modality, processor, train_data.column_names, train=False, seed=seed)
         settings = TrainSettings(args.epochs, args.batch_size, args.lr, args.head_lr, seed=seed)
         for name, method_name, head_name in entries:
+            run_state = output / "checkpoints" / name / f"seed_{seed}"
+            if args.resume and run_state.with_suffix(".json").is_file():
+                runs[name].append(json.loads(run_state.with_suffix(".json").read_text()))
+                continue
             set_seed(seed)
+            # collators of its own: a run's augmentations do not depend on which runs came before it
+            collate = _collate(args, modality, processor, train_data.column_names, train=True, seed=seed)
+            eval_collate = _collate(args, modality, processor, train_data.column_names, train=False, seed=seed)
             method = make_method(method_name, options)
             task_split, task_train, task_test = split, train_sets, test_sets
             if method_name == "joint":
@@ -144,11 +217,14 @@ def run(args: argparse.Namespace) -> dict:
                 task_test = [datasets.concatenate_datasets(test_sets)]
             model, record = run_sequence(
                 accelerator, copy.deepcopy(base), method, make_head(head_name, seed), task_split, task_train,
-                task_test, collate, settings, eval_collate=eval_collate,
+                task_test, collate, settings, eval_collate=eval_collate, checkpoints=run_state,
+                resume=bool(args.resume),
             )  # fmt: skip
-            runs[name].append({"seed": seed, "head": head_name, **record})
-            if accelerator.is_main_process and isinstance(model, PeftModel):
-                model.save_pretrained(output / "adapters" / name / f"seed_{seed}")
+            record = {"seed": seed, "head": head_name, **record}
+            runs[name].append(record)
+            accelerator.wait_for_everyone()  # every process has read its checkpoint before they are removed
+            if accelerator.is_main_process:
+                _finish(output, name, seed, model, record)
     results = {
         "config": {**vars(args), "model_info": info.__dict__ if info else None, "rehearsal_free": True},
         "methods": {name: build_summary(method_runs) for name, method_runs in runs.items()},

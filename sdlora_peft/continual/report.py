@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,41 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Build a directory with ``write(tmp)`` in a temporary sibling and rename it to ``path``.
+
+    Used for whatever a library writes as a directory (``save_pretrained``): a run killed while writing leaves no
+    half-written ``path``, only a hidden temporary directory. The files are synced before the rename. An existing
+    ``path`` is first moved aside to a hidden name and removed once the new one is in place.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    old = tmp.with_suffix(".old")
+    try:
+        tmp.mkdir()
+        write(tmp)
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def write_json(path: str | os.PathLike, value: Any) -> Path:
+    """Write ``value`` as strict JSON (see ``_jsonable``), atomically; the directory is created if needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_jsonable(value), indent=2, ensure_ascii=False, allow_nan=False, default=str) + "\n"
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def _jsonable(value: Any) -> Any:
     """Plain JSON values: numpy scalars and arrays become Python ones, NaN and infinities become null.
 
@@ -156,8 +192,7 @@ def write_results(results: Mapping, outdir: str | os.PathLike) -> list[Path]:
     """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(results), indent=2, ensure_ascii=False, allow_nan=False, default=str) + "\n"
     return [
-        atomic_write_bytes(outdir / "results.json", text.encode("utf-8")),
+        write_json(outdir / "results.json", results),
         atomic_write_bytes(outdir / "results.md", results_markdown(results).encode("utf-8")),
     ]

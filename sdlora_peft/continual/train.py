@@ -2,18 +2,30 @@
 
 `run_sequence` learns the tasks of a `TaskSplit` one after the other with one `Method` (SD-LoRA or a peer) and one
 `Head`, and returns the accuracy matrix and what the run cost. The same code runs on one CPU process, on several
-processes (`accelerate launch` / `torchrun`, gloo on CPU) and on GPUs.
+processes (`accelerate launch` / `torchrun`, gloo on CPU) and on GPUs; after every task it checks that all
+processes hold the same model.
+
+With a checkpoint directory, everything needed to go on is saved after every task (safetensors and JSON, written
+atomically): the model through `Method.save`, the head's class statistics, what was measured so far and every random
+state. A run resumed from there ends with exactly the results of a run that was never stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import random
+import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from datasets import Dataset
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
@@ -23,8 +35,10 @@ from .baselines import Method
 from .data import TaskSplit
 from .heads import Head, classifier_path
 from .metrics import incremental_accuracies, summarize
+from .report import atomic_write_dir
 
 Collate = Callable[[list[dict]], dict[str, torch.Tensor]]
+CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -73,6 +87,7 @@ def train_task(
     loader = DataLoader(
         dataset, batch_size=settings.batch_size, shuffle=True, collate_fn=collate, generator=generator, drop_last=False
     )
+    model.zero_grad(set_to_none=True)  # no gradient left from before (the aligned head's alignment leaves some)
     optimizer = _optimizer(model, settings)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     task_classes = torch.tensor(classes, device=accelerator.device)
@@ -138,6 +153,18 @@ def _accuracy(scores: torch.Tensor, labels: torch.Tensor, classes: list[int]) ->
     return 100.0 * (predictions == labels).float().mean().item()
 
 
+@dataclass
+class Progress:
+    """What a run has measured after `tasks_done` tasks; a checkpoint stores it with the model."""
+
+    accuracy_matrix: list[list[float | None]]
+    trainable_parameters: int
+    tasks_done: int = 0
+    task_aware: list[float] = field(default_factory=list)
+    magnitudes: list[list[float | None] | None] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
 def run_sequence(
     accelerator: Accelerator,
     model: nn.Module,
@@ -149,27 +176,36 @@ def run_sequence(
     collate: Collate,
     settings: TrainSettings,
     eval_collate: Collate | None = None,
+    checkpoints: Path | None = None,
+    resume: bool = False,
 ) -> tuple[nn.Module, dict]:
     """Learn the tasks in order and evaluate on every seen task after each; return the final model and the run's
     record (accuracy matrix, summary metrics, task-aware accuracy, magnitudes, parameters, time).
 
     `collate` makes training batches (possibly augmented); `eval_collate` (default: `collate`) makes the batches
-    whose features the head stores and that are evaluated."""
+    whose features the head stores and that are evaluated. With `checkpoints`, the main process saves a checkpoint
+    there after every task; with `resume`, the run goes on from the latest one found there (if any)."""
     eval_collate = eval_collate or collate
+    collators = (collate, eval_collate)
     head.prepare(model)
-    model = method.wrap(model)
     num_tasks = split.num_tasks
-    matrix: list[list[float | None]] = [[None] * num_tasks for _ in range(num_tasks)]
-    magnitudes, task_aware, train_seconds = [], [], 0.0
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    for task, classes in enumerate(split.tasks):
+    latest = latest_checkpoint(checkpoints) if resume and checkpoints else None
+    if latest is None:
+        model = method.wrap(model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        progress = Progress([[None] * num_tasks for _ in range(num_tasks)], trainable)
+    else:
+        model, progress = load_checkpoint(latest, model, method, head, collators)
+    matrix = progress.accuracy_matrix
+    for task in range(progress.tasks_done, num_tasks):
+        classes = split.tasks[task]
         start = time.perf_counter()
         name = f"{method.name} task {task + 1}/{num_tasks}"
         if method.trains:
             model = train_task(accelerator, model, train_sets[task], collate, classes, settings, name)
         features, _, labels = extract(accelerator, model, train_sets[task], eval_collate, settings.eval_batch_size)
         head.end_task(model, features, labels, classes)
-        train_seconds += time.perf_counter() - start
+        progress.train_seconds += time.perf_counter() - start
         seen = split.seen_classes(task)
         for seen_task in range(task + 1):
             features, logits, labels = extract(
@@ -178,23 +214,147 @@ def run_sequence(
             scores = head.scores(features, logits)
             matrix[task][seen_task] = _accuracy(scores, labels, seen)
             if task == num_tasks - 1:  # told the task: predictions among its classes only
-                task_aware.append(_accuracy(scores, labels, split.tasks[seen_task]))
+                progress.task_aware.append(_accuracy(scores, labels, split.tasks[seen_task]))
         start = time.perf_counter()
         model = method.end_task(model, is_last=task == num_tasks - 1)
-        train_seconds += time.perf_counter() - start
-        magnitudes.append(method.magnitudes(model))
+        progress.train_seconds += time.perf_counter() - start
+        progress.magnitudes.append(method.magnitudes(model))
+        progress.tasks_done = task + 1
+        check_ranks_agree(accelerator, model, f"after {name}")
+        if checkpoints is not None and accelerator.is_main_process:
+            save_checkpoint(checkpoints, model, method, head, progress, collators)
     sizes = [len(test_set) for test_set in test_sets]
     summary = summarize(matrix, sizes)
+    magnitudes = progress.magnitudes
     record = {
         "accuracy_matrix": matrix,
         **summary,
         "incremental_accuracies": incremental_accuracies(matrix, sizes),
         "task_sizes": sizes,
-        "task_aware_final_accuracy": sum(a * n for a, n in zip(task_aware, sizes)) / sum(sizes),
-        "train_seconds": train_seconds,
-        "trainable_parameters": trainable,
+        "task_aware_final_accuracy": sum(a * n for a, n in zip(progress.task_aware, sizes)) / sum(sizes),
+        "train_seconds": progress.train_seconds,
+        "trainable_parameters": progress.trainable_parameters,
         "stored_adapter_parameters": method.stored_parameters(model),
         "magnitudes": magnitudes if any(m is not None for m in magnitudes) else None,
         "head_statistics": head.stored_statistics(),
     }
     return model, record
+
+
+def check_ranks_agree(accelerator: Accelerator, model: nn.Module, when: str) -> None:
+    """Raise if the processes hold different models: gradients are averaged across them at every step, so the
+    adapters (SD-LoRA's directions and magnitudes included) and the head must stay identical. One hash per tensor
+    of the state dict is gathered, which names the tensors that differ at the cost of hashing the model once."""
+    if accelerator.num_processes == 1:
+        return
+    names = list(model.state_dict())
+    digests = torch.tensor([_digest(t) for t in model.state_dict().values()], device=accelerator.device)
+    gathered = accelerator.gather(digests).view(accelerator.num_processes, -1).cpu()
+    differ = [names[i] for i in (gathered != gathered[0]).any(dim=0).nonzero().flatten().tolist()]
+    if differ:
+        raise RuntimeError(
+            f"The processes' models differ {when}: {len(differ)} tensors, e.g. {differ[:3]}. Every process must "
+            "run the same code on the same model; check custom hooks, dropout seeds and per-process branches."
+        )
+
+
+def _digest(tensor: torch.Tensor) -> int:
+    """A 64-bit hash of a tensor's bytes."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+def save_checkpoint(
+    directory: Path, model: nn.Module, method: Method, head: Head, progress: Progress, collators: Sequence[Collate]
+) -> Path:
+    """Save the run after `progress.tasks_done` tasks into `directory/task_<n>` (built aside, then renamed) and
+    remove the older checkpoints: the model (`Method.save`), the head's class statistics, the progress and the random
+    states of torch, numpy, python and the collators, as the next task will find them."""
+    statistics, order = _head_state(head)
+    tensors, states = _random_states(collators)
+
+    def write(tmp: Path) -> None:
+        (tmp / "model").mkdir()
+        method.save(model, tmp / "model")
+        save_file(statistics, tmp / "head.safetensors")
+        save_file(tensors, tmp / "random.safetensors")
+        state = {"format": CHECKPOINT_FORMAT, "progress": asdict(progress), "head_order": order, "random": states}
+        (tmp / "state.json").write_text(json.dumps(state))
+
+    path = atomic_write_dir(directory / f"task_{progress.tasks_done}", write)
+    for older in _checkpoints(directory)[:-1]:
+        shutil.rmtree(older)
+    return path
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The checkpoint of the most tasks in `directory`, if any (unfinished ones are hidden temporary folders)."""
+    found = _checkpoints(directory)
+    return found[-1] if found else None
+
+
+def _checkpoints(directory: Path) -> list[Path]:
+    found = [path for path in directory.glob("task_*") if (path / "state.json").is_file()]
+    return sorted(found, key=lambda path: int(path.name.removeprefix("task_")))
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, method: Method, head: Head, collators: Sequence[Collate]
+) -> tuple[nn.Module, Progress]:
+    """`model` (prepared by the head, not yet wrapped) and `head` as `save_checkpoint` saved them, with the progress;
+    the random states are set last, after restoring the model has drawn its own initialisations."""
+    state = json.loads((path / "state.json").read_text())
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} has checkpoint format {state['format']}; this version reads {CHECKPOINT_FORMAT}.")
+    model = method.restore(model, path / "model")
+    _load_head_state(head, load_file(path / "head.safetensors"), state["head_order"])
+    _set_random_states(load_file(path / "random.safetensors"), state["random"], collators)
+    return model, Progress(**state["progress"])
+
+
+def _head_state(head: Head) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """A head's class statistics (its dicts of class id -> tensor: NCM means, aligned covariances) as flat tensors,
+    with the order in which the classes came: the aligned head samples them in that order."""
+    stores = {name: value for name, value in vars(head).items() if isinstance(value, dict)}
+    tensors = {f"{name}.{label}": t.contiguous() for name, store in stores.items() for label, t in store.items()}
+    return tensors, {name: list(store) for name, store in stores.items()}
+
+
+def _load_head_state(head: Head, tensors: dict[str, torch.Tensor], order: dict[str, list[int]]) -> None:
+    for name, labels in order.items():
+        setattr(head, name, {label: tensors[f"{name}.{label}"] for label in labels})
+
+
+def _generator(collate: Collate) -> np.random.Generator | None:
+    """The generator an image collator draws its augmentations from (text collators have none)."""
+    generator = getattr(collate, "rng", None)
+    return generator if isinstance(generator, np.random.Generator) else None
+
+
+def _random_states(collators: Sequence[Collate]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every random state the next tasks draw from: torch's as tensors, the others as JSON values."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    collator_states = [g.bit_generator.state if (g := _generator(c)) else None for c in collators]
+    states = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+        "collators": collator_states,
+    }
+    return tensors, states
+
+
+def _set_random_states(tensors: dict[str, torch.Tensor], states: dict, collators: Sequence[Collate]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[f"cuda.{i}"] for i in range(torch.cuda.device_count())])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    for collate, state in zip(collators, states["collators"]):
+        if state is not None:
+            _generator(collate).bit_generator.state = state
