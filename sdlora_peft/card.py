@@ -14,13 +14,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from huggingface_hub import EvalResult, ModelCard
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from peft import PeftConfig, PeftModel
 from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
@@ -113,7 +113,7 @@ def write_model_card(
     if results is not None:
         if not dataset:
             raise ValueError("write_model_card needs `dataset` (the dataset's name) to report results.")
-        name = repo_id or card.data.model_name or "sdlora-adapter"
+        name = repo_id or _data(card).model_name or "sdlora-adapter"
         set_results(card, results, dataset, model_name=name, task=facts.pipeline_tag)
     card.save(folder / "README.md")
     return card
@@ -197,13 +197,14 @@ def _is_repo_id(name: str | None) -> bool:
 
 def update_card(card: ModelCard, facts: AdapterFacts, repo_id: str | None = None) -> None:
     """Set the Hub metadata and (re)write the adapter section of `card`; idempotent."""
-    data = card.data
+    data = _data(card)
     data.library_name = "peft"
     if _is_repo_id(facts.base_model):
         data.base_model = facts.base_model
     elif isinstance(data.base_model, str) and not _is_repo_id(data.base_model):
         data.base_model = None  # the Hub takes repository ids only; PEFT writes '' or a local path here
-    tags = {tag for tag in (data.tags or []) if tag != "base_model:adapter:"}  # PEFT's tag for an unnamed base
+    prefix = "base_model:adapter:"  # PEFT's tag also names an unnamed base ('') or a local path
+    tags = {tag for tag in (data.tags or []) if not tag.startswith(prefix) or _is_repo_id(tag[len(prefix) :])}
     data.tags = sorted(tags | set(CARD_TAGS))
     if not data.pipeline_tag and facts.pipeline_tag:
         data.pipeline_tag = facts.pipeline_tag
@@ -217,8 +218,8 @@ def set_results(
     found = [(key, _mean_std(results[key])) for key in RESULT_METRICS if key in results]
     if not found:
         raise ValueError(f"`results` has none of {sorted(RESULT_METRICS)}; got keys {sorted(results)}.")
-    card.data.model_name = model_name
-    card.data.eval_results = [
+    _data(card).model_name = model_name
+    _data(card).eval_results = [
         EvalResult(
             task_type=task or "image-classification",
             task_name="Class-incremental learning",
@@ -236,6 +237,11 @@ def set_results(
          "| metric | value |", "|---|---|", *rows]
     )  # fmt: skip
     card.text = _put_block(card.text, _RESULTS_BLOCK, section, after=_BLOCK)
+
+
+def _data(card: ModelCard) -> ModelCardData:
+    """The card's metadata; a `ModelCard` always holds `ModelCardData`."""
+    return cast(ModelCardData, card.data)
 
 
 def _mean_std(value: Any) -> tuple[float, float | None]:
@@ -390,16 +396,18 @@ def _sdlora_adapter(model: PeftModel) -> str | None:
     return next((name for name in names if isinstance(configs.get(name), SDLoraConfig)), None)
 
 
-def _refresh_card(model: PeftModel, folder: str, peft_update, repo_id: str | None = None) -> None:
+def _refresh_card(
+    model: PeftModel, adapter_name: str, folder: str, peft_update: Callable, repo_id: str | None = None
+) -> None:
     """Let PEFT update the card, then add SD-LoRA's part, keeping the tags the card had before."""
-    facts = facts_from_model(model, _sdlora_adapter(model))
+    facts = facts_from_model(model, adapter_name)
     path = Path(folder) / "README.md"
     if not path.exists():
         _start_card(facts).save(path)
-    tags_before = ModelCard.load(path).data.tags or []
+    tags_before = _data(ModelCard.load(path)).tags or []
     peft_update(model, folder)  # PEFT's own part: library_name, base model tags, framework versions
     card = ModelCard.load(path)
-    card.data.tags = sorted(set(card.data.tags or []) | set(tags_before))
+    _data(card).tags = sorted(set(_data(card).tags or []) | set(tags_before))
     update_card(card, facts, repo_id)
     card.save(path)
 
@@ -415,20 +423,25 @@ def install_card_hooks() -> None:
     if getattr(PeftModel.create_or_update_model_card, "_sdlora_hook", False):
         return
     peft_update = PeftModel.create_or_update_model_card
-    upload = PeftModel._upload_modified_files
+    upload = getattr(PeftModel, "_upload_modified_files", None)  # transformers' PushToHubMixin, private
 
     @functools.wraps(peft_update)
     def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
-        if _sdlora_adapter(self) is None:
+        adapter_name = _sdlora_adapter(self)
+        if adapter_name is None:
             return peft_update(self, output_dir)
-        _refresh_card(self, output_dir, peft_update)
+        _refresh_card(self, adapter_name, output_dir, peft_update)
+
+    create_or_update_model_card._sdlora_hook = True  # type: ignore[attr-defined]
+    PeftModel.create_or_update_model_card = create_or_update_model_card  # type: ignore[method-assign]
+    if upload is None:  # a push then uploads PEFT's card only; tests/test_hub.py would say so
+        return
 
     @functools.wraps(upload)
     def _upload_modified_files(self: PeftModel, working_dir: str, repo_id: str, *args, **kwargs):
-        if _sdlora_adapter(self) is not None:
-            _refresh_card(self, working_dir, peft_update, repo_id=repo_id)
+        adapter_name = _sdlora_adapter(self)
+        if adapter_name is not None:
+            _refresh_card(self, adapter_name, working_dir, peft_update, repo_id=repo_id)
         return upload(self, working_dir, repo_id, *args, **kwargs)
 
-    create_or_update_model_card._sdlora_hook = True
-    PeftModel.create_or_update_model_card = create_or_update_model_card
-    PeftModel._upload_modified_files = _upload_modified_files
+    PeftModel._upload_modified_files = _upload_modified_files  # type: ignore[method-assign,assignment]
