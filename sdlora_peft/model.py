@@ -29,7 +29,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 
 EMPTY_NORM = 1e-10
 """A direction whose norm is at most this at `advance_task()` is treated as zero (it changes no weight measurably).
-In float16 the floor is the dtype's smallest normal number instead (see `_is_live`)."""
+In float16 the floor is the dtype's smallest normal number instead (see `zero_norm`)."""
 
 
 @dataclass(frozen=True)
@@ -231,11 +231,12 @@ class SDLoraModel(BaseTuner):
                 f"Task {task}'s direction of adapter {adapter_name!r} has non-finite values (training diverged?); "
                 "nothing was changed. Lower the learning rate or train the adapter in float32."
             )
-        live = _is_live(norms, layers[0].sdlora_A[adapter_name].dtype)
+        dtype = layers[0].sdlora_A[adapter_name].dtype
+        live = norms > zero_norm(dtype)
         if not live.any():
             warnings.warn(
-                f"Task {task}'s direction of adapter {adapter_name!r} is zero (was it trained?); it is dropped and "
-                "adds no parameters.",
+                f"Task {task}'s direction of adapter {adapter_name!r} is zero (was it trained?) or too small for "
+                f"{dtype} (norm <= {zero_norm(dtype):.1e}); it is dropped and adds no parameters.",
                 stacklevel=3,
             )
             return TaskRecord(task, rank, absorbed=True, residual=0.0), magnitudes[..., :-1]
@@ -349,11 +350,11 @@ def _checkpoint_problems(
     return [f"non-finite values in {key}" for key in expected if not torch.isfinite(checkpoint[key]).all()]
 
 
-def _is_live(norms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Which layers' directions count as non-zero. A frozen direction is stored with the scale `c / norm` in the
-    adapter's dtype, so a norm below the dtype's smallest normal number (float16: 6e-5) would overflow that scale
-    to infinity; such a direction is below the dtype's resolution anyway and is treated as zero."""
-    return norms > max(EMPTY_NORM, torch.finfo(dtype).tiny)
+def zero_norm(dtype: torch.dtype) -> float:
+    """The norm at or below which a direction in `dtype` counts as zero. A frozen direction is stored with the scale
+    `c / norm` in the adapter's dtype, so a norm below the dtype's smallest normal number (float16: 6e-5) would
+    overflow that scale to infinity; such a direction is below the dtype's resolution anyway."""
+    return max(EMPTY_NORM, torch.finfo(dtype).tiny)
 
 
 def _is_sdlora_key(key: str, adapter_name: str) -> bool:
