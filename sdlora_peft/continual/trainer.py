@@ -26,6 +26,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from datasets import Dataset
@@ -46,12 +47,19 @@ def task_folder(output_dir: str | os.PathLike, task: int) -> Path:
     return Path(output_dir, f"task_{task}")
 
 
-def task_magnitudes(model: nn.Module) -> dict[int, float]:
+def active_config(model: nn.Module | None) -> SDLoraConfig:
+    """The config of a PeftModel's active SD-LoRA adapter; its task history says which task the model is at."""
+    config = model.peft_config.get(model.active_adapter) if isinstance(model, PeftModel) else None
+    if not isinstance(config, SDLoraConfig):
+        raise ValueError("ContinualTrainer trains an SD-LoRA PeftModel: get_peft_model(model, SDLoraConfig(...)).")
+    return config
+
+
+def task_magnitudes(model: PeftModel) -> dict[int, float]:
     """Magnitude of every stored direction and of the current one, by task index (mean over layers when magnitudes
     are per layer). Tasks whose direction was absorbed (SD-LoRA-KD, or never trained) have no magnitude."""
-    adapter = model.active_adapter
-    config = model.peft_config[adapter]
-    suffix = f"sdlora_magnitude.{adapter}"
+    config = active_config(model)
+    suffix = f"sdlora_magnitude.{model.active_adapter}"
     values = torch.stack([p.detach().float() for n, p in model.named_parameters() if n.endswith(suffix)]).mean(0)
     tasks = [record["task"] for record in config.task_history if not record["absorbed"]] + [config.current_task]
     return dict(zip(tasks, values.tolist()))
@@ -76,6 +84,7 @@ class ContinualTrainer(Trainer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        active_config(self.model)  # fails early for a model without an active SD-LoRA adapter
         if self.optimizer is not None or self.lr_scheduler is not None:
             raise ValueError(
                 "ContinualTrainer builds a new optimizer for each task (the trainable parameters change); pass "
@@ -108,9 +117,9 @@ class ContinualTrainer(Trainer):
         if resume_from_checkpoint:
             folder = self._resume(resume_from_checkpoint, classes)
             if _is_task_folder(folder):  # a finished task: go on with the next one
-                start = self._config().current_task + 1
+                start = active_config(self.model).current_task + 1
             else:  # a Trainer checkpoint: finish its task first
-                start, checkpoint = self._config().current_task, folder
+                start, checkpoint = active_config(self.model).current_task, folder
         outputs = []
         for task in range(start, len(tasks)):
             outputs.append(self._train_task(task, tasks[task], classes, checkpoint if task == start else None))
@@ -120,9 +129,9 @@ class ContinualTrainer(Trainer):
         self, task: int, dataset: Dataset, classes: list[list[int]], checkpoint: str | None
     ) -> TrainOutput:
         self._seed(task)
-        config = self._config()
+        config = active_config(self.model)
         if config.current_task == task - 1:  # the model holds the trained previous task
-            self.model.advance_task()
+            self.peft_model.advance_task()
         elif config.current_task != task:
             raise ValueError(
                 f"The model's adapter is at task {config.current_task}; it cannot train task {task}. To continue a "
@@ -131,7 +140,8 @@ class ContinualTrainer(Trainer):
         self.task, self.task_classes = task, classes[task]
         self.seen_classes = [c for task_classes in classes[: task + 1] for c in task_classes]
         self.train_dataset = dataset
-        self.optimizer, self.lr_scheduler = None, None  # built again by train() for the new trainable set
+        # train() builds the optimizer, the scheduler and any DDP wrapper again, for the new trainable set
+        self.optimizer, self.lr_scheduler, self.model_wrapped = None, None, self.peft_model
         output = self.train(resume_from_checkpoint=checkpoint)
         self._save_task(task)
         return output
@@ -140,12 +150,14 @@ class ContinualTrainer(Trainer):
         seed = self.args.seed + task
         enable_full_determinism(seed) if self.args.full_determinism else set_seed(seed)
 
-    def _config(self) -> SDLoraConfig:
-        return self.model.peft_config[self.model.active_adapter]
+    @property
+    def peft_model(self) -> PeftModel:
+        """The SD-LoRA `PeftModel` being trained (`self.model`, which a resume replaces)."""
+        return cast(PeftModel, self.model)  # checked by __init__, and loaded as one by _resume
 
     def _save_task(self, task: int) -> None:
         """The adapter after this task, and what a resumed run checks it continues the same sequence with."""
-        folder = task_folder(self.args.output_dir, task)
+        folder = task_folder(str(self.args.output_dir), task)
         self.save_model(str(folder))
         if self.args.should_save:
             state = {"task": task, "classes": self.task_classes, "seed": self.args.seed + task}
@@ -154,19 +166,20 @@ class ContinualTrainer(Trainer):
 
     def _resume(self, checkpoint: str | os.PathLike | bool, classes: list[list[int]]) -> str:
         """Rebuild the model from `checkpoint` (found in `output_dir` for `True`) and return its folder."""
-        folder = _last_checkpoint(self.args.output_dir) if checkpoint is True else str(checkpoint)
+        folder = _last_checkpoint(str(self.args.output_dir)) if checkpoint is True else str(checkpoint)
         if folder is None:
             raise ValueError(f"No task folder or checkpoint found in {self.args.output_dir}.")
         if _is_task_folder(folder):
             state = json.loads(Path(folder, TASK_STATE_NAME).read_text())
-            if state["classes"] != classes[state["task"]]:
+            now = classes[state["task"]] if state["task"] < len(classes) else None
+            if state["classes"] != now:
                 raise ValueError(
                     f"{folder} was trained on classes {state['classes']}, but task {state['task']} now has classes "
-                    f"{classes[state['task']]}: pass the same task sequence to resume."
+                    f"{now}: pass the same task sequence to resume."
                 )
         # A finished task's adapter or a Trainer checkpoint: either way its config holds the adapter's structure.
-        adapter = self.model.active_adapter
-        self.model = PeftModel.from_pretrained(self.model.unload(), folder, adapter, is_trainable=True)
+        model = self.peft_model
+        self.model = PeftModel.from_pretrained(model.unload(), folder, model.active_adapter, is_trainable=True)
         self.model_wrapped = self.callback_handler.model = self.model
         return folder
 
@@ -192,7 +205,7 @@ class ContinualTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the task index and the magnitudes to every log entry (training and evaluation alike)."""
-        extra = {MAGNITUDE_KEY.format(task): value for task, value in task_magnitudes(self.model).items()}
+        extra = {MAGNITUDE_KEY.format(task): value for task, value in task_magnitudes(self.peft_model).items()}
         if self.task is not None:
             extra["sdlora/task"] = self.task
         super().log({**logs, **extra}, start_time)
@@ -205,13 +218,15 @@ def _classes(dataset: Dataset) -> list[int]:
     return sorted(int(c) for c in dataset.unique(column))
 
 
-def _is_task_folder(folder: str | None) -> bool:
+def _is_task_folder(folder: str | os.PathLike | None) -> bool:
     return folder is not None and Path(folder, TASK_STATE_NAME).is_file()
 
 
 def _last_checkpoint(output_dir: str) -> str | None:
     """The newest resumable state: a Trainer checkpoint inside the first unfinished task, else the last finished
     task's folder."""
+    if not os.path.isdir(output_dir):
+        return None
     names = (re.fullmatch(r"task_(\d+)", name) for name in os.listdir(output_dir))
     tasks = [int(match[1]) for match in names if match]
     finished = max((t for t in tasks if _is_task_folder(task_folder(output_dir, t))), default=-1)

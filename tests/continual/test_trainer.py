@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import CASE_BY_NAME, output
 from datasets import Dataset
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from torch import nn
 from transformers import TrainerCallback, TrainingArguments
 
@@ -199,13 +199,16 @@ def test_a_trained_adapter_needs_resume_to_continue(uninterrupted):
         trainer.train_tasks(TASKS)
 
 
-def test_optimizer_instances_are_refused(tmp_path):
+def test_refuses_what_it_cannot_train(tmp_path):
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+    lora = get_peft_model(copy.deepcopy(BASE), LoraConfig(target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="SD-LoRA PeftModel"):
+        ContinualTrainer(model=lora, args=args)
     model = fresh_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
-        ContinualTrainer(
-            model=model, args=TrainingArguments(str(tmp_path), use_cpu=True), optimizers=(optimizer, None)
-        )
+    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):  # the trainable set changes at every task
+        ContinualTrainer(model=model, args=args, optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+    with pytest.raises(ValueError, match="No task folder or checkpoint"):
+        ContinualTrainer(model=model, args=args).train_tasks(TASKS, resume_from_checkpoint=True)
 
 
 def test_example_runs(tmp_path, monkeypatch, capsys):
