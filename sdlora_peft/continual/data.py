@@ -44,7 +44,10 @@ def split_classes(order: Sequence[int], num_tasks: int) -> list[list[int]]:
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
     if len(order) < num_tasks:
-        raise ValueError(f"cannot split {len(order)} classes into {num_tasks} tasks: need at least one per task")
+        raise ValueError(
+            f"cannot split {len(order)} classes into {num_tasks} tasks: need at least one per task; "
+            f"use at most {len(order)} tasks (--num-tasks)"
+        )
     base, extra = divmod(len(order), num_tasks)
     tasks, start = [], 0
     for t in range(num_tasks):
@@ -112,7 +115,10 @@ def split_dataset(
     empty = [c for c in split.task_of_class if c not in by_class]
     if empty:
         where = f"the {dataset.split} split" if dataset.split else "the dataset"
-        raise ValueError(f"classes {sorted(empty)} have no samples in {where}")
+        raise ValueError(
+            f"classes {sorted(empty)} have no samples in {where}, so they could not be learned or scored; "
+            "remove them from the label space or add samples of them to every split"
+        )
 
     rng = np.random.default_rng(seed)
     subsets = []
@@ -170,7 +176,10 @@ def _is_string(feature: object) -> bool:
 def _label_feature(dataset: Dataset, label_column: str) -> ClassLabel | Value:
     """The label feature, checked to hold integer class ids."""
     if label_column not in dataset.features:
-        raise ValueError(f"label column {label_column!r} not found; available columns: {dataset.column_names}")
+        raise ValueError(
+            f"label column {label_column!r} not found; available columns: {dataset.column_names}; "
+            "pass label_column= (--label-column)"
+        )
     feature = dataset.features[label_column]
     if _is_string(feature):
         raise ValueError(
@@ -179,7 +188,10 @@ def _label_feature(dataset: Dataset, label_column: str) -> ClassLabel | Value:
         )
     if isinstance(feature, ClassLabel) or (isinstance(feature, Value) and feature.dtype.startswith(("int", "uint"))):
         return feature
-    raise ValueError(f"label column {label_column!r} must be a ClassLabel or integer column, got {feature}")
+    raise ValueError(
+        f"label column {label_column!r} must be a ClassLabel or integer column, got {feature}; convert it first, "
+        f"e.g. dataset.cast_column({label_column!r}, Value('int64')) for whole-number floats"
+    )
 
 
 def _labels(dataset: Dataset, label_column: str) -> np.ndarray:

@@ -458,9 +458,19 @@ def _normalize(
 def _class_labels(loaded: datasets.Dataset | datasets.DatasetDict) -> datasets.Dataset | datasets.DatasetDict:
     """Make ``label`` a ClassLabel, with one class list shared by every split."""
     splits = loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]
+    for split in splits:
+        if "label" not in split.features:
+            raise ValueError(
+                f"no label column 'label'; available columns: {split.column_names}; "
+                "pass label_column= (--label-column)"
+            )
     if isinstance(next(iter(splits)).features["label"], datasets.ClassLabel):
         return loaded
-    values = sorted({v for split in splits for v in split.unique("label")})
+    found = {v for split in splits for v in split.unique("label")}
+    if None in found or any(isinstance(v, int) and v < 0 for v in found):
+        # -1 marks unlabelled samples in many Hub datasets (e.g. GLUE's test splits): it is not a class
+        raise ValueError("the label column has negative or missing labels (unlabelled samples?); drop them first")
+    values = sorted(found)
     index = {v: i for i, v in enumerate(values)}
     features = next(iter(splits)).features.copy()
     features["label"] = datasets.ClassLabel(names=[str(v) for v in values])

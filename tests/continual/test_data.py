@@ -1,10 +1,11 @@
 """Class-incremental task splits of `datasets.Dataset` objects."""
 
 import pytest
-from datasets import ClassLabel, Dataset, Features, Image, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from sdlora_peft.continual import zoo
 from sdlora_peft.continual.data import (
     TaskSplit,
     class_order,
@@ -175,3 +176,56 @@ def test_detect_modality_explicit_column():
 def test_detect_modality_errors(columns, kwargs, message):
     with pytest.raises(ValueError, match=message):
         detect_modality(Dataset.from_dict(columns), **kwargs)
+
+
+# Bad datasets, as the CLI meets them: each error says what is wrong and what to do.
+
+
+def test_fewer_classes_than_tasks_says_how_many_tasks_fit():
+    with pytest.raises(ValueError, match=r"cannot split 3 classes into 5 tasks.*use at most 3 tasks \(--num-tasks\)"):
+        TaskSplit.from_classes(dataset_classes(_dataset([0, 1, 2])), num_tasks=5)
+
+
+@pytest.mark.parametrize(
+    "dataset, message",
+    [
+        (_dataset([0, 1]).rename_column("label", "y"), r"pass label_column= \(--label-column\)"),
+        (Dataset.from_dict({"label": [0.0, 1.0]}), r"cast_column\('label', Value\('int64'\)\)"),
+        (_dataset([0, 1, 1], split="test"), r"classes \[2\] have no samples .*remove them from the label space"),
+    ],
+)
+def test_split_dataset_errors_say_what_to_do(dataset, message):
+    with pytest.raises(ValueError, match=message):
+        split_dataset(dataset, TaskSplit([[0, 1], [2]]))
+
+
+def saved(tmp_path, **splits) -> str:
+    DatasetDict({name: Dataset.from_dict(columns) for name, columns in splits.items()}).save_to_disk(tmp_path)
+    return str(tmp_path)
+
+
+def test_saved_dataset_without_a_label_column_is_named(tmp_path):
+    path = saved(tmp_path, train={"text": ["a", "b"], "y": [0, 1]}, test={"text": ["c"], "y": [0]})
+    with pytest.raises(ValueError, match=r"no label column 'label'.*\['text', 'y'\].*--label-column"):
+        zoo.load_dataset(path)
+    assert dataset_classes(zoo.load_dataset(path, label_column="y")["train"]) == [0, 1]
+
+
+def test_saved_dataset_with_unlabelled_samples_is_refused(tmp_path):
+    """-1 marks unlabelled samples (e.g. GLUE's test splits); it must not become a class of its own."""
+    path = saved(tmp_path, train={"text": ["a", "b"], "label": [0, 1]}, test={"text": ["c"], "label": [-1]})
+    with pytest.raises(ValueError, match="negative or missing labels .*drop them first"):
+        zoo.load_dataset(path)
+
+
+def test_saved_dataset_with_string_labels_and_a_class_without_test_samples(tmp_path):
+    path = saved(
+        tmp_path,
+        train={"text": ["a", "b", "c"], "label": ["cat", "dog", "eel"]},
+        test={"text": ["d", "e"], "label": ["cat", "dog"]},
+    )
+    data = zoo.load_dataset(path)  # string labels become one ClassLabel shared by the splits
+    split = TaskSplit.from_classes(dataset_classes(data["train"]), num_tasks=3)
+    assert len(split_dataset(data["train"], split)) == 3
+    with pytest.raises(ValueError, match=r"classes \[2\] have no samples in the dataset.*add samples"):
+        split_dataset(data["test"], split)
