@@ -9,9 +9,11 @@ import pytest
 from sdlora_peft.continual import metrics
 from sdlora_peft.continual.report import (
     atomic_write_bytes,
+    atomic_write_dir,
     build_summary,
     console_table,
     results_markdown,
+    write_json,
     write_results,
 )
 
@@ -140,3 +142,35 @@ def test_atomic_write_replaces_and_cleans_up(tmp_path):
     with pytest.raises(FileNotFoundError):
         atomic_write_bytes(tmp_path / "missing" / "file.bin", b"x")
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+def test_atomic_write_dir_replaces_a_directory_whole(tmp_path):
+    target = tmp_path / "adapter"
+
+    def write(version: str):
+        return lambda directory: (directory / "weights.bin").write_text(version)
+
+    atomic_write_dir(target, write("old"))
+    atomic_write_dir(target, write("new"))
+    assert (target / "weights.bin").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_atomic_write_dir_interrupted_leaves_the_old_directory(tmp_path):
+    """A write that fails half-way (as a killed save_pretrained would) changes nothing and leaves no temporary."""
+    target = tmp_path / "adapter"
+    atomic_write_dir(target, lambda directory: (directory / "weights.bin").write_text("old"))
+
+    def half_written(directory):
+        (directory / "weights.bin").write_text("ne")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_dir(target, half_written)
+    assert (target / "weights.bin").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_write_json_creates_the_directory(tmp_path):
+    path = write_json(tmp_path / "runs" / "seed_0.json", {"accuracy": np.float32(0.5), "bwt": math.nan})
+    assert json.loads(path.read_text()) == {"accuracy": 0.5, "bwt": None}
