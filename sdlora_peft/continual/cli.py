@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import datasets
+import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from peft import PeftModel
@@ -170,11 +172,18 @@ def _finish(output: Path, name: str, seed: int, model: object, record: dict) -> 
     shutil.rmtree(run_state, ignore_errors=True)
 
 
+def _several_cpu_processes() -> bool:
+    """Whether torchrun / accelerate launch started several processes on a machine without CUDA. Accelerate needs
+    to be told (its `cpu` flag) to join them with gloo; otherwise each process would run the whole benchmark alone."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run every method on every seed; write and return the results."""
     output = Path(args.output)
     # split_batches: --batch-size is the global batch, so N processes take the steps one process would
     accelerator = Accelerator(
+        cpu=_several_cpu_processes(),
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(split_batches=True),

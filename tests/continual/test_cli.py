@@ -9,9 +9,11 @@ import sys
 
 import datasets
 import pytest
+import torch
 from peft import PeftConfig
+from torch import nn
 
-from sdlora_peft.continual import cli, zoo
+from sdlora_peft.continual import cli, train, zoo
 
 TINY = ["--model", "tiny-dinov2", "--dataset", "digits", "--image-size", "32", "--epochs", "1", "--batch-size", "16"]
 
@@ -74,15 +76,53 @@ def test_text_dataset_from_a_saved_directory(tmp_path):
     assert len(results["methods"]["sdlora"]["runs"][0]["accuracy_matrix"]) == 3
 
 
+# Run by torchrun in the two-process test: sdlora-cil, with an audit hook that logs every file the process writes
+# into OUTDIR and a hash of its SD-LoRA tensors at each end-of-task check.
+WATCHED_CLI = """
+import atexit, json, os, sys
+from sdlora_peft.continual import cli, train
+
+output, log, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+writes, hashes = [], []
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND
+CHANGES = {"os.rename", "os.replace", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "os.symlink"}
+
+
+def audit(event, args):
+    if event == "open" and not args[2] & WRITE_FLAGS or event not in CHANGES | {"open"}:
+        return
+    paths = [os.fsdecode(a) for a in args if isinstance(a, (str, bytes, os.PathLike))]
+    writes.extend(f"{event} {path}" for path in paths if path.startswith(output))
+
+
+def check_ranks_agree(accelerator, model, when, check=train.check_ranks_agree):
+    hashes.append({n: train._digest(t) for n, t in model.state_dict().items() if "sdlora_" in n})
+    check(accelerator, model, when)
+
+
+def save_log():
+    with open(f"{log}.{os.environ['RANK']}.json", "w") as file:
+        json.dump({"writes": writes, "hashes": hashes}, file)
+
+
+sys.addaudithook(audit)
+train.check_ranks_agree = check_ranks_agree
+atexit.register(save_log)
+cli.main([*argv, "--output", output])
+"""
+
+
 def test_two_processes_give_the_one_process_results(tmp_path):
-    """A 2-process CPU run (gloo, torchrun) splits each batch across processes: same steps, same accuracies."""
+    """A 2-process CPU run (gloo, torchrun) splits each batch across processes: same steps, same accuracies. After
+    every task both processes hold the same SD-LoRA directions and magnitudes, and only the first one writes."""
     args = [*TINY, "--num-tasks", "2", "--methods", "sdlora,lora-seq", "--max-train-per-class", "20",
             "--max-test-per-class", "9"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", zoo.CACHE_ENV: str(tmp_path / "cache")}
-    module = ["-m", "sdlora_peft.continual.cli"]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *module]
-    for command, out in ((launch, "two"), ([sys.executable, *module], "one")):
-        subprocess.run([*command, *args, "--output", str(tmp_path / out)], check=True, env=env, timeout=600)
+    (tmp_path / "watched_cli.py").write_text(WATCHED_CLI)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(tmp_path / "watched_cli.py")]
+    subprocess.run([*launch, str(tmp_path / "two"), str(tmp_path / "log"), *args], check=True, env=env, timeout=600)
+    one_process = [sys.executable, "-m", "sdlora_peft.continual.cli", *args, "--output", str(tmp_path / "one")]
+    subprocess.run(one_process, check=True, env=env, timeout=600)
     one, two = (json.loads((tmp_path / out / "results.json").read_text()) for out in ("one", "two"))
     for name in ("sdlora", "lora-seq"):
         matrix_one = one["methods"][name]["runs"][0]["accuracy_matrix"]
@@ -90,3 +130,30 @@ def test_two_processes_give_the_one_process_results(tmp_path):
         for row_one, row_two in zip(matrix_one, matrix_two):
             for a, b in zip(row_one, row_two):
                 assert (a is None and b is None) or abs(a - b) <= 5.0  # float reduction order may flip a sample
+
+    main, other = (json.loads((tmp_path / f"log.{rank}.json").read_text()) for rank in (0, 1))
+    assert [bool(hashes) for hashes in main["hashes"]] == [True, True, False, False]  # checked after every task
+    assert main["hashes"] == other["hashes"]
+    assert other["writes"] == []
+    assert any(write.endswith("two/results.json") for write in main["writes"])
+
+
+class OtherProcessHolds:
+    """An Accelerator stand-in for two processes, the other one holding `model`."""
+
+    num_processes, device = 2, "cpu"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def gather(self, digests: torch.Tensor) -> torch.Tensor:
+        return torch.cat([digests, torch.tensor([train._digest(t) for t in self.model.state_dict().values()])])
+
+
+def test_processes_holding_different_models_are_stopped():
+    model = nn.Linear(3, 2)
+    train.check_ranks_agree(OtherProcessHolds(model), model, "after task 1")
+    other = nn.Linear(3, 2)
+    other.bias.data.copy_(model.bias.data)
+    with pytest.raises(RuntimeError, match=r"differ after task 1: 1 tensors, e.g. \['weight'\]"):
+        train.check_ranks_agree(OtherProcessHolds(other), model, "after task 1")
