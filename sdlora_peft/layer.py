@@ -16,7 +16,7 @@ All frozen directions cost one extra low-rank product per layer, whatever their 
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -41,6 +41,7 @@ class SDLoraLayer(BaseTunerLayer):
         "sdlora_frozen_scale",
         "sdlora_frozen_index",
     )
+    _shared_magnitude: nn.ParameterDict  # set through __dict__: owned and registered by the SDLoraModel
 
     def __init__(self, base_layer: nn.Module, shared_magnitude: nn.ParameterDict) -> None:
         self.base_layer = base_layer
@@ -118,13 +119,16 @@ class SDLoraLayer(BaseTunerLayer):
         self.sdlora_frozen_ranks[adapter_name] = list(frozen_ranks)
         if frozen_ranks:
             # the base weight's device: the factors may still be on "meta" while PEFT loads with low_cpu_mem_usage
-            device = self.get_base_layer().weight.device
+            device = self._base_weight().device
             index = [direction for direction, rank in enumerate(frozen_ranks) for _ in range(rank)]
             self.sdlora_frozen_index[adapter_name] = torch.tensor(index, device=device)
 
     # ----------------------------------------------------------------------------------------------------------
     # Math
     # ----------------------------------------------------------------------------------------------------------
+
+    def _base_weight(self) -> torch.Tensor:
+        return cast(torch.Tensor, self.get_base_layer().weight)
 
     def magnitude(self, adapter_name: str) -> torch.Tensor:
         """Magnitudes `alpha_1..alpha_t` of the adapter (the last one belongs to the current task)."""
@@ -208,16 +212,16 @@ class SDLoraLayer(BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the active adapters' updates to the base weight (`safe_merge` checks for non-finite values first)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        base_layer = self.get_base_layer()
+        weight = self._base_weight()
         for adapter_name in adapter_names:
             if adapter_name not in self.sdlora_A:
                 continue
             delta = self.get_delta_weight(adapter_name)
             with torch.no_grad():
-                merged = base_layer.weight.float() + delta
+                merged = weight.float() + delta
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(f"Merging adapter '{adapter_name}' gives non-finite weights; nothing was merged.")
-                base_layer.weight.data = merged.to(base_layer.weight.dtype)
+                weight.data = merged.to(weight.dtype)
             self.merged_adapters.append(adapter_name)
 
     def unmerge(self) -> None:
@@ -225,13 +229,13 @@ class SDLoraLayer(BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        base_layer = self.get_base_layer()
+        weight = self._base_weight()
         while self.merged_adapters:
             adapter_name = self.merged_adapters.pop()
             if adapter_name in self.sdlora_A:
                 with torch.no_grad():
-                    restored = base_layer.weight.float() - self.get_delta_weight(adapter_name)
-                    base_layer.weight.data = restored.to(base_layer.weight.dtype)
+                    restored = weight.float() - self.get_delta_weight(adapter_name)
+                    weight.data = restored.to(weight.dtype)
 
 
 class SDLoraLinear(nn.Module, SDLoraLayer):
@@ -279,23 +283,26 @@ class SDLoraLinear(nn.Module, SDLoraLayer):
     def _inference_weight_for(self, adapter_names: list[str]) -> torch.Tensor:
         """`W0 + sum of the adapters' updates`, rebuilt when any tensor it depends on was replaced or modified
         (an optimizer step, a load, advance_task, merge, set_adapter all change the key)."""
-        base = self.get_base_layer()
-        tensors = [base.weight]
+        weight = self._base_weight()
+        tensors = [weight]
         for name in adapter_names:
             tensors += [self.sdlora_A[name], self.sdlora_B[name], self.magnitude(name)]
             if name in self.sdlora_frozen_A:
                 tensors += [self.sdlora_frozen_A[name], self.sdlora_frozen_B[name], self.sdlora_frozen_scale[name]]
         key = (tuple(adapter_names), tuple((id(t), t.data_ptr(), t._version) for t in tensors))
         if self._inference_weight is None or self._inference_weight[0] != key:
-            weight = base.weight.float() + sum(self.get_delta_weight(name) for name in adapter_names)
-            self._inference_weight = (key, weight.to(base.weight.dtype))
+            updated = weight.float()
+            for name in adapter_names:
+                updated = updated + self.get_delta_weight(name)
+            self._inference_weight = (key, updated.to(weight.dtype))
         return self._inference_weight[1]
 
     def _forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        bias = self.get_base_layer().bias
+        bias = cast(torch.Tensor | None, self.get_base_layer().bias)
         if not self.fan_in_fan_out:
             return F.linear(x, weight, bias)
-        output = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)  # Conv1D keeps its weight as (in, out)
+        # Conv1D keeps its weight as (in, out) and always has a bias
+        output = torch.addmm(cast(torch.Tensor, bias), x.reshape(-1, x.shape[-1]), weight)
         return output.reshape(*x.shape[:-1], weight.shape[-1])
 
     def __repr__(self) -> str:

@@ -19,8 +19,8 @@ def ensure_peft_type() -> PeftType:
     member = str.__new__(PeftType, member_name)
     member._name_ = member_name
     member._value_ = member_name
-    member.__objclass__ = PeftType
-    member._sort_order_ = len(PeftType._member_names_)
+    member.__objclass__ = PeftType  # type: ignore[attr-defined]  # what Enum sets on its own members
+    member._sort_order_ = len(PeftType._member_names_)  # type: ignore[attr-defined]
     PeftType._member_names_.append(member_name)
     PeftType._member_map_[member_name] = member
     PeftType._value2member_map_[member_name] = member

@@ -16,6 +16,7 @@ rehearsal-free, and `stored_statistics()` reports what was kept.
 from __future__ import annotations
 
 import torch
+from peft import PeftModel
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from torch.nn import functional as F
@@ -48,7 +49,7 @@ def classifier_linear(model: nn.Module) -> nn.Linear:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 class CosineClassifier(nn.Module):

@@ -104,7 +104,7 @@ def _plot_matrix(name: str, matrix: np.ndarray, num_seeds: int) -> Figure:
     for t, j in zip(*np.tril_indices(num_tasks)):
         value = matrix[t, j]
         color = "white" if value < 50 else "black"
-        axes.text(j + 1, t + 1, f"{value:.{digits}f}", ha="center", va="center", color=color, fontsize=size)
+        axes.text(int(j) + 1, int(t) + 1, f"{value:.{digits}f}", ha="center", va="center", color=color, fontsize=size)
     axes.set_xlabel("Evaluated on the classes of task j")
     axes.set_ylabel("After learning task t")
     axes.set_xticks(range(1, num_tasks + 1))
