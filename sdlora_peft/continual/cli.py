@@ -141,8 +141,8 @@ def _collate(args: argparse.Namespace, modality: str, processor: object, columns
 
 
 def _start_output(args: argparse.Namespace, accelerator: Accelerator) -> None:
-    """Refuse to write over an earlier run without --overwrite; with it, forget that run's checkpoints. A new run
-    saves its options, which --resume reads back."""
+    """Refuse to write over an earlier run without --overwrite; with it, forget that run's checkpoints and results,
+    so that OUTDIR never mixes two runs. A new run saves its options, which --resume reads back."""
     output = Path(args.output)
     if args.resume:
         return
@@ -155,6 +155,7 @@ def _start_output(args: argparse.Namespace, accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()  # every process has looked before the main one writes
     if accelerator.is_main_process:
         shutil.rmtree(output / "checkpoints", ignore_errors=True)
+        (output / "results.json").unlink(missing_ok=True)
         write_json(output / "config.json", _config(args))
 
 

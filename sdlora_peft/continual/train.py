@@ -247,8 +247,9 @@ def check_ranks_agree(accelerator: Accelerator, model: nn.Module, when: str) -> 
     of the state dict is gathered, which names the tensors that differ at the cost of hashing the model once."""
     if accelerator.num_processes == 1:
         return
-    names = list(model.state_dict())
-    digests = torch.tensor([_digest(t) for t in model.state_dict().values()], device=accelerator.device)
+    state = model.state_dict()
+    names = list(state)
+    digests = torch.tensor([_digest(t) for t in state.values()], device=accelerator.device)
     gathered = accelerator.gather(digests).view(accelerator.num_processes, -1).cpu()
     differ = [names[i] for i in (gathered != gathered[0]).any(dim=0).nonzero().flatten().tolist()]
     if differ:
