@@ -50,7 +50,7 @@ class Method:
     def end_task(self, model: nn.Module, is_last: bool) -> nn.Module:
         return model
 
-    def magnitudes(self, model: nn.Module) -> list[float] | None:
+    def magnitudes(self, model: nn.Module) -> list[float | None] | None:
         return None
 
     def stored_parameters(self, model: nn.Module) -> int:

@@ -168,7 +168,7 @@ def _finish(output: Path, name: str, seed: int, model: object, record: dict) -> 
     then forget its checkpoints."""
     run_state = output / "checkpoints" / name / f"seed_{seed}"
     if isinstance(model, PeftModel):
-        atomic_write_dir(output / "adapters" / name / f"seed_{seed}", model.save_pretrained)
+        atomic_write_dir(output / "adapters" / name / f"seed_{seed}", lambda tmp: model.save_pretrained(str(tmp)))
     write_json(run_state.with_suffix(".json"), record)
     shutil.rmtree(run_state, ignore_errors=True)
 

@@ -20,11 +20,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from datasets import Dataset
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
@@ -63,7 +65,7 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, classes: to
 
 
 def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    head = classifier_path(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    head = classifier_path(model.get_base_model() if isinstance(model, PeftModel) else model)
     groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -113,14 +115,16 @@ def extract(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features (the classification layer's input), logits and labels of every sample of `dataset`, gathered
     from all processes, on the CPU."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
     captured: list[torch.Tensor] = []
     hook = base.get_submodule(classifier_path(base)).register_forward_hook(
         lambda module, inputs, output: captured.append(inputs[0])
     )
     loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
     model.eval().to(accelerator.device)
-    features, logits, labels = [], [], []
+    features: list[torch.Tensor] = []
+    logits: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
     try:
         for batch in loader:
             batch_labels = batch.pop("labels")
@@ -338,7 +342,7 @@ def _random_states(collators: Sequence[Collate]) -> tuple[dict[str, torch.Tensor
     if torch.cuda.is_available():
         tensors |= {f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
     version, internal, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached = np.random.get_state()
+    kind, keys, position, has_gauss, cached = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     collator_states = [g.bit_generator.state if (g := _generator(c)) else None for c in collators]
     states = {
         "python": [version, list(internal), gauss],
@@ -357,5 +361,5 @@ def _set_random_states(tensors: dict[str, torch.Tensor], states: dict, collators
     kind, keys, position, has_gauss, cached = states["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
     for collate, state in zip(collators, states["collators"]):
-        if state is not None:
-            _generator(collate).bit_generator.state = state
+        if (generator := _generator(collate)) is not None:
+            generator.bit_generator.state = state
