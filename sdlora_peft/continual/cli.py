@@ -163,10 +163,15 @@ def _config(args: argparse.Namespace) -> dict:
     return {name: value for name, value in vars(args).items() if name not in NOT_CONFIG}
 
 
+def _run_state(output: Path, name: str, seed: int) -> Path:
+    """The checkpoints of one (method, seed) run; beside them, `<that>.json` holds its record once it is finished."""
+    return output / "checkpoints" / name / f"seed_{seed}"
+
+
 def _finish(output: Path, name: str, seed: int, model: object, record: dict) -> None:
     """Save a finished (method, seed) run: its adapter, then its record, which tells --resume the run is done,
     then forget its checkpoints."""
-    run_state = output / "checkpoints" / name / f"seed_{seed}"
+    run_state = _run_state(output, name, seed)
     if isinstance(model, PeftModel):
         atomic_write_dir(output / "adapters" / name / f"seed_{seed}", lambda tmp: model.save_pretrained(str(tmp)))
     write_json(run_state.with_suffix(".json"), record)
@@ -211,7 +216,7 @@ def run(args: argparse.Namespace) -> dict:
         base, processor, info = zoo.load_model(args.model, len(classes), modality=modality)
         settings = TrainSettings(args.epochs, args.batch_size, args.lr, args.head_lr, seed=seed)
         for name, method_name, head_name in entries:
-            run_state = output / "checkpoints" / name / f"seed_{seed}"
+            run_state = _run_state(output, name, seed)
             if args.resume and run_state.with_suffix(".json").is_file():
                 runs[name].append(json.loads(run_state.with_suffix(".json").read_text()))
                 continue
