@@ -26,6 +26,8 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from peft import PeftModel
 
+from ..card import write_model_card
+from ..config import SDLoraConfig
 from . import zoo
 from .baselines import METHOD_NAMES, AdapterOptions, make_method
 from .data import (
@@ -168,12 +170,21 @@ def _run_state(output: Path, name: str, seed: int) -> Path:
     return output / "checkpoints" / name / f"seed_{seed}"
 
 
-def _finish(output: Path, name: str, seed: int, model: object, record: dict) -> None:
+def _save_adapter(folder: Path, model: PeftModel, record: dict, dataset: str) -> None:
+    """The adapter; an SD-LoRA adapter's model card also gets the run's results."""
+    model.save_pretrained(str(folder))
+    if isinstance(model.peft_config["default"], SDLoraConfig):
+        write_model_card(folder, model, results=record, dataset=dataset)
+
+
+def _finish(output: Path, name: str, seed: int, model: object, record: dict, dataset: str) -> None:
     """Save a finished (method, seed) run: its adapter, then its record, which tells --resume the run is done,
     then forget its checkpoints."""
     run_state = _run_state(output, name, seed)
     if isinstance(model, PeftModel):
-        atomic_write_dir(output / "adapters" / name / f"seed_{seed}", lambda tmp: model.save_pretrained(str(tmp)))
+        atomic_write_dir(
+            output / "adapters" / name / f"seed_{seed}", lambda tmp: _save_adapter(tmp, model, record, dataset)
+        )
     write_json(run_state.with_suffix(".json"), record)
     shutil.rmtree(run_state, ignore_errors=True)
 
@@ -239,7 +250,7 @@ def run(args: argparse.Namespace) -> dict:
             runs[name].append(record)
             accelerator.wait_for_everyone()  # every process has read its checkpoint before they are removed
             if accelerator.is_main_process:
-                _finish(output, name, seed, model, record)
+                _finish(output, name, seed, model, record, Path(args.dataset).name)
     results = {
         "config": {**vars(args), "model_info": info.__dict__ if info else None, "rehearsal_free": True},
         "methods": {name: build_summary(method_runs) for name, method_runs in runs.items()},

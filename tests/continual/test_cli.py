@@ -49,6 +49,8 @@ def test_every_method_end_to_end(tmp_path):
     assert {"accuracy_curves.png", "accuracy_matrix_sdlora.png", "magnitudes_sdlora.png"} <= pngs
     config = PeftConfig.from_pretrained(output / "adapters" / "sdlora" / "seed_0")
     assert len(config.task_history) == 3 and config.modules_to_save == ["classifier"]
+    card = (output / "adapters" / "sdlora" / "seed_0" / "README.md").read_text()
+    assert "model-index" in card and "dataset" in card and f"{sdlora['final_accuracy']:.2f}" in card
 
 
 def test_unknown_method_lists_the_known_ones(tmp_path):
