@@ -180,6 +180,9 @@ class SDLoraConfig(PeftConfig):
                 )
         if not (_is_number(self.magnitude_init) and math.isfinite(self.magnitude_init)):
             raise ValueError(f"`magnitude_init` must be a finite number, got {self.magnitude_init!r}.")
+        if self.magnitude_init == 0:
+            # every task starts at B = 0: with alpha = 0 too, alpha, A and B all get zero gradients and never move
+            raise ValueError("`magnitude_init` must be non-zero: a task starting at 0 * B A never trains. Use 1.0.")
         for name in ("reset_magnitudes", "fan_in_fan_out", "cache_inference_weight", "init_weights", "inference_mode"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")

@@ -7,6 +7,7 @@ import copy
 import json
 import sys
 
+import huggingface_hub
 import pytest
 import torch
 from conftest import CASE_BY_NAME, MLP, make_peft, output, sdlora_layers, train_steps
@@ -56,6 +57,7 @@ def files(path) -> dict:
         ("magnitude_init", float("nan"), "finite number"),
         ("magnitude_init", float("inf"), "finite number"),
         ("magnitude_init", True, "finite number"),
+        ("magnitude_init", 0.0, "non-zero: a task starting at 0"),
         ("magnitude_sharing", ["global"], "'global', 'layer'"),
         ("kd_threshold", float("nan"), ">= 0"),
         ("kd_threshold", "9e-4", ">= 0"),
@@ -304,3 +306,16 @@ def test_pickle_only_adapter_loads_when_the_user_opts_in(tmp_path, monkeypatch):
     monkeypatch.setenv("SDLORA_ALLOW_PICKLE", "1")
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     assert torch.equal(output(loaded, inputs), output(model, inputs))
+
+
+def test_pickle_only_hub_adapter_is_refused_offline(tmp_path, monkeypatch):
+    """A Hub id resolved from the local cache (offline) goes through the same check as a local folder."""
+    monkeypatch.delenv("SDLORA_ALLOW_PICKLE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "models--someone--adapter"
+    save_three_tasks(repo / "snapshots" / ("a" * 40))
+    pickle_only(repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    with pytest.raises(ValueError, match=r"someone/adapter holds the adapter weights only as a pickle"):
+        SDLoraConfig.from_pretrained("someone/adapter", cache_dir=str(tmp_path))
