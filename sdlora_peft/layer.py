@@ -143,14 +143,20 @@ class SDLoraLayer(BaseTunerLayer):
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         A, B = self.sdlora_A[adapter_name], self.sdlora_B[adapter_name]
-        x = self._cast_input_dtype(x, A.dtype)
-        magnitude = self.magnitude(adapter_name).to(A.dtype)
-        output = F.linear(F.linear(x, A) * magnitude[-1], B)
+        magnitude = self.magnitude(adapter_name)
+        output = F.linear(F.linear(self._cast_input_dtype(x, A.dtype), A) * magnitude[-1].to(A.dtype), B)
         if adapter_name in self.sdlora_frozen_A:
-            column_scales = self._frozen_column_scales(adapter_name, magnitude)
-            hidden = F.linear(x, self.sdlora_frozen_A[adapter_name]) * column_scales
-            output = output + F.linear(hidden, self.sdlora_frozen_B[adapter_name])
+            output = output + self._frozen_output(x, adapter_name, magnitude)
         return output
+
+    def _frozen_output(self, x: torch.Tensor, adapter_name: str, magnitude: torch.Tensor) -> torch.Tensor:
+        """All frozen directions in one low-rank product, computed in the input's dtype like the base layer: they
+        train no factors, so a bfloat16 model need not upcast every token to float32 for them (PEFT keeps the
+        trainable factors in float32, and the current direction still runs there)."""
+        dtype = x.dtype
+        column_scales = self._frozen_column_scales(adapter_name, magnitude).to(dtype)
+        hidden = F.linear(x, self.sdlora_frozen_A[adapter_name].to(dtype)) * column_scales
+        return F.linear(hidden, self.sdlora_frozen_B[adapter_name].to(dtype))
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's dense update of the base weight, in float32 and in the base weight's layout."""

@@ -394,3 +394,37 @@ def test_added_adapter_with_global_magnitudes_trains_only_once_active():
     assert magnitudes["other"].requires_grad and not magnitudes["default"].requires_grad
     train_steps(model, VIT_CASE.inputs())
     assert model.advance_task().rank == 3 and magnitudes["other"].numel() == 2
+
+
+class _ProductDtypes(TorchDispatchMode):
+    """The dtypes of the matrix products that have an operand with `size` rows or columns."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size, self.dtypes = size, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            if any(isinstance(arg, torch.Tensor) and self.size in arg.shape for arg in args):
+                self.dtypes.add(args[-1].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_frozen_directions_run_in_the_models_dtype():
+    torch.manual_seed(0)
+    model = get_peft_model(VIT_CASE.build().to(torch.bfloat16), SDLoraConfig(r=7))  # trainable factors: float32
+    inputs = {"pixel_values": VIT_CASE.inputs()["pixel_values"].to(torch.bfloat16)}
+    for _ in range(2):
+        train_steps(model, inputs, steps=2, lr=0.05, optimizer_cls=torch.optim.SGD)
+        model.advance_task()
+    train_steps(model, inputs, steps=2, lr=0.05, optimizer_cls=torch.optim.SGD)
+    reference = copy.deepcopy(model).float()
+
+    with _ProductDtypes(size=14) as probe:  # the two frozen directions' 7 + 7 columns
+        logits = model(**inputs).logits
+        logits.float().sum().backward()
+    assert probe.dtypes == {torch.bfloat16}
+    magnitude = model.base_model.sdlora_magnitude["default"]
+    assert magnitude.grad.dtype == torch.float32 and (magnitude.grad[:-1] != 0).all()
+    torch.testing.assert_close(logits.float(), reference(pixel_values=inputs["pixel_values"].float()).logits,
+                               rtol=0.05, atol=0.05)  # fmt: skip
