@@ -29,7 +29,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 
 EMPTY_NORM = 1e-10
 """A direction whose norm is at most this at `advance_task()` is treated as zero (it changes no weight measurably).
-In float16 the floor is the dtype's smallest normal number instead (see `zero_norm`)."""
+In float16 the floor is the dtype's smallest normal number instead (see `_zero_norm`)."""
 
 
 @dataclass(frozen=True)
@@ -232,11 +232,11 @@ class SDLoraModel(BaseTuner):
                 "nothing was changed. Lower the learning rate or train the adapter in float32."
             )
         dtype = layers[0].sdlora_A[adapter_name].dtype
-        live = norms > zero_norm(dtype)
+        live = norms > _zero_norm(dtype)
         if not live.any():
             warnings.warn(
                 f"Task {task}'s direction of adapter {adapter_name!r} is zero (was it trained?) or too small for "
-                f"{dtype} (norm <= {zero_norm(dtype):.1e}); it is dropped and adds no parameters.",
+                f"{dtype} (norm <= {_zero_norm(dtype):.1e}); it is dropped and adds no parameters.",
                 stacklevel=3,
             )
             return TaskRecord(task, rank, absorbed=True, residual=0.0), magnitudes[..., :-1]
@@ -318,8 +318,9 @@ class SDLoraModel(BaseTuner):
         problems = _checkpoint_problems(model.state_dict(), remapped, adapter_name)
         if not problems:
             return remapped
-        if isinstance(getattr(model, "base_model", None), SDLoraModel):
-            model.base_model._discard_adapter(adapter_name)
+        tuner = getattr(model, "base_model", None)
+        if isinstance(tuner, SDLoraModel):
+            tuner._discard_adapter(adapter_name)
         if problems[0].startswith("non-finite"):
             raise ValueError(
                 f"The SD-LoRA weights hold NaN or infinite values (a corrupted file, or training diverged). Nothing "
@@ -350,7 +351,7 @@ def _checkpoint_problems(
     return [f"non-finite values in {key}" for key in expected if not torch.isfinite(checkpoint[key]).all()]
 
 
-def zero_norm(dtype: torch.dtype) -> float:
+def _zero_norm(dtype: torch.dtype) -> float:
     """The norm at or below which a direction in `dtype` counts as zero. A frozen direction is stored with the scale
     `c / norm` in the adapter's dtype, so a norm below the dtype's smallest normal number (float16: 6e-5) would
     overflow that scale to infinity; such a direction is below the dtype's resolution anyway."""
