@@ -29,7 +29,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 
 EMPTY_NORM = 1e-10
 """A direction whose norm is at most this at `advance_task()` is treated as zero (it changes no weight measurably).
-In float16 the floor is the dtype's smallest normal number instead (see `_zero_norm`)."""
+In a float16 adapter or model the floor is float16's smallest normal number instead (see `_zero_norm`)."""
 
 
 @dataclass(frozen=True)
@@ -231,12 +231,12 @@ class SDLoraModel(BaseTuner):
                 f"Task {task}'s direction of adapter {adapter_name!r} has non-finite values (training diverged?); "
                 "nothing was changed. Lower the learning rate or train the adapter in float32."
             )
-        dtype = layers[0].sdlora_A[adapter_name].dtype
-        live = norms > _zero_norm(dtype)
+        threshold = _zero_norm(layers[0].sdlora_A[adapter_name].dtype, layers[0].get_base_layer().weight.dtype)
+        live = norms > threshold
         if not live.any():
             warnings.warn(
-                f"Task {task}'s direction of adapter {adapter_name!r} is zero (was it trained?) or too small for "
-                f"{dtype} (norm <= {_zero_norm(dtype):.1e}); it is dropped and adds no parameters.",
+                f"Task {task}'s direction of adapter {adapter_name!r} is zero (was it trained?) or below the "
+                f"resolution of its dtype (norm <= {threshold:.1e}); it is dropped and adds no parameters.",
                 stacklevel=3,
             )
             return TaskRecord(task, rank, absorbed=True, residual=0.0), magnitudes[..., :-1]
@@ -351,11 +351,12 @@ def _checkpoint_problems(
     return [f"non-finite values in {key}" for key in expected if not torch.isfinite(checkpoint[key]).all()]
 
 
-def _zero_norm(dtype: torch.dtype) -> float:
-    """The norm at or below which a direction in `dtype` counts as zero. A frozen direction is stored with the scale
-    `c / norm` in the adapter's dtype, so a norm below the dtype's smallest normal number (float16: 6e-5) would
-    overflow that scale to infinity; such a direction is below the dtype's resolution anyway."""
-    return max(EMPTY_NORM, torch.finfo(dtype).tiny)
+def _zero_norm(*dtypes: torch.dtype) -> float:
+    """The norm at or below which a direction counts as zero, given the adapter's and the base weight's dtypes. A
+    frozen direction is stored with the scale `c / norm` in the adapter's dtype and applied in the model's dtype, so
+    a norm below either dtype's smallest normal number (float16: 6e-5) could overflow a scale to infinity; such a
+    direction is below that dtype's resolution anyway."""
+    return max(EMPTY_NORM, *(torch.finfo(dtype).tiny for dtype in dtypes))
 
 
 def _is_sdlora_key(key: str, adapter_name: str) -> bool:

@@ -3,8 +3,6 @@ finite, and a direction too small for its dtype is dropped as a zero one instead
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import CASE_BY_NAME, output, sdlora_layers, train_steps
@@ -145,11 +143,29 @@ def test_float16_layer_below_resolution_is_dropped_in_that_layer_only():
     assert torch.isfinite(after).all() and (after - before).abs().max() <= 1e-2
 
 
-def test_float16_model_with_float32_adapters_keeps_a_small_direction():
-    """With PEFT's default autocast the adapters are float32: the float32 threshold applies, not float16's."""
-    base = MLP_CASE.build().half()
-    model = get_peft_model(copy.deepcopy(base), SDLoraConfig(r=2, target_modules=["lin0", "lin1"]))
+@pytest.mark.parametrize("freeze_scale", ["preserve", "unit"])
+def test_float16_model_with_float32_adapters_drops_a_direction_below_float16_resolution(freeze_scale):
+    """PEFT's default autocast keeps the adapters in float32, but the frozen directions run in the model's float16:
+    with `freeze_scale="unit"` a scale `alpha / norm` above 65504 would overflow there."""
+    model = get_peft_model(
+        MLP_CASE.build().half(), SDLoraConfig(r=2, target_modules=["lin0", "lin1"], freeze_scale=freeze_scale)
+    )
+    inputs = MLP_CASE.inputs().half()
     for layer in sdlora_layers(model):
         with torch.no_grad():
             layer.sdlora_B["default"].fill_(1e-6)
+    before = output(model, inputs)
+    with pytest.warns(UserWarning, match="below the resolution"):
+        assert model.advance_task().absorbed
+    assert torch.equal(output(model, inputs), before)
+
+
+def test_float16_model_with_float32_adapters_keeps_a_small_direction_above_float16_resolution():
+    model = get_peft_model(
+        MLP_CASE.build().half(), SDLoraConfig(r=2, target_modules=["lin0", "lin1"], freeze_scale="unit")
+    )
+    for layer in sdlora_layers(model):
+        with torch.no_grad():
+            layer.sdlora_B["default"].fill_(1e-3)
     assert not model.advance_task().absorbed
+    assert torch.isfinite(output(model, MLP_CASE.inputs().half())).all()
