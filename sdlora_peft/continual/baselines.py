@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import PreTrainedModel
 
 from ..config import SDLoraConfig
 from ..layer import SDLoraLayer
@@ -76,6 +78,16 @@ def _load_tensors(model: nn.Module, path: Path) -> None:
         raise ValueError(f"{path} does not fit the model: it has no tensor named {unexpected[0]!r}.")
 
 
+def _peft(model: nn.Module) -> PeftModel:
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"Expected the PeftModel this method wrapped, got a {type(model).__name__}.")
+    return model
+
+
+def _sdlora_config(model: nn.Module) -> SDLoraConfig:
+    return cast(SDLoraConfig, _peft(model).peft_config["default"])
+
+
 class FrozenNCM(Method):
     """SimpleCIL: a frozen backbone and nothing trained; pair it with the `ncm` head."""
 
@@ -91,7 +103,7 @@ class PeftMethod(Method):
     (SD-LoRA's frozen directions) comes back from its config."""
 
     def save(self, model: nn.Module, directory: Path) -> None:
-        model.save_pretrained(directory)
+        _peft(model).save_pretrained(str(directory))
 
     def restore(self, model: nn.Module, directory: Path) -> nn.Module:
         return PeftModel.from_pretrained(model, directory, is_trainable=True)
@@ -111,7 +123,8 @@ class SequentialLoRA(PeftMethod):
             r=self.options.r,
             lora_alpha=self.options.r,  # scaling 1, like SD-LoRA's raw current direction
             # SD-LoRA's default targets (query/value), so that both adapt the same layers
-            target_modules=self.options.target_modules or DEFAULT_TARGET_MODULES.get(model.config.model_type),
+            target_modules=self.options.target_modules
+            or DEFAULT_TARGET_MODULES.get(cast(PreTrainedModel, model).config.model_type),
             layers_to_transform=self.options.layers_to_transform,
             modules_to_save=[classifier_path(model)],
         )
@@ -132,7 +145,7 @@ class MergedLoRA(SequentialLoRA):
     def end_task(self, model: nn.Module, is_last: bool) -> nn.Module:
         if is_last:
             return model
-        merged = model.merge_and_unload()
+        merged = _peft(model).merge_and_unload()
         return get_peft_model(merged, self.config(merged))
 
     def stored_parameters(self, model: nn.Module) -> int:
@@ -169,15 +182,15 @@ class SDLoRA(PeftMethod):
         return get_peft_model(model, config)
 
     def end_task(self, model: nn.Module, is_last: bool) -> nn.Module:
-        model.advance_task()
+        _peft(model).advance_task()
         return model
 
     def magnitudes(self, model: nn.Module) -> list[float | None]:
         """Magnitude of each finished task's direction (the mean over layers with per-layer magnitudes); None for a
         task whose direction was absorbed."""
         tensors = [p.detach().float() for n, p in model.named_parameters() if "sdlora_magnitude" in n]
-        kept = iter((sum(tensors) / len(tensors))[:-1].tolist())  # the last slot is the next task's, just opened
-        history = model.peft_config["default"].task_history
+        kept = iter((torch.stack(tensors).mean(0))[:-1].tolist())  # the last slot is the next task's, just opened
+        history = _sdlora_config(model).task_history
         return [None if record["absorbed"] else next(kept) for record in history]
 
     def stored_parameters(self, model: nn.Module) -> int:
@@ -208,14 +221,14 @@ class SDLoRAAblation(SDLoRA):
         self.mode = mode
 
     def end_task(self, model: nn.Module, is_last: bool) -> nn.Module:
-        if self.mode == "single" or (self.mode == "first" and model.peft_config["default"].current_task > 0):
+        if self.mode == "single" or (self.mode == "first" and _sdlora_config(model).current_task > 0):
             return model
-        model.advance_task()
+        _peft(model).advance_task()
         return self._constrain(model)
 
     def restore(self, model: nn.Module, directory: Path) -> nn.Module:
         model = super().restore(model, directory)
-        return self._constrain(model) if model.peft_config["default"].current_task > 0 else model
+        return self._constrain(model) if _sdlora_config(model).current_task > 0 else model
 
     def _constrain(self, model: nn.Module) -> nn.Module:
         """What the ablation keeps from training once a first task is done (the trainable tensors are new after

@@ -119,8 +119,12 @@ def _resumed(output: str, given: dict, defaults: dict) -> argparse.Namespace:
     return argparse.Namespace(**saved, output=output, overwrite=False, resume=output)
 
 
-def _csv(value: str | None, cast: type = str) -> list | None:
-    return None if value is None else [cast(item) for item in value.split(",") if item]
+def _csv(value: str, cast: type = str) -> list:
+    return [cast(item) for item in value.split(",") if item]
+
+
+def _optional_csv(value: str | None, cast: type = str) -> list | None:
+    return None if value is None else _csv(value, cast)
 
 
 def _method_entries(value: str, default_head: str) -> list[tuple[str, str, str]]:
@@ -213,8 +217,8 @@ def run(args: argparse.Namespace) -> dict:
     entries = _method_entries(args.methods, args.head)
     options = AdapterOptions(
         r=args.r,
-        target_modules=_csv(args.target_modules),
-        layers_to_transform=_csv(args.layers, int),
+        target_modules=_optional_csv(args.target_modules),
+        layers_to_transform=_optional_csv(args.layers, int),
         sdlora={"magnitude_sharing": args.magnitude_sharing, "freeze_scale": args.freeze_scale},
     )
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in entries}

@@ -23,8 +23,11 @@ if TYPE_CHECKING:
 
 _CIL_METRIC_PATH = Path(__file__).parent / "cil_metric"
 
+AccuracyMatrix = Sequence[Sequence[float | None]] | np.ndarray
+"""`matrix[t][j]`; entries above the diagonal (tasks not yet seen) may be None."""
 
-def _check_matrix(matrix: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
+
+def _check_matrix(matrix: AccuracyMatrix) -> np.ndarray:
     """Return the matrix as a float array after checking it is square with a complete lower triangle."""
     try:
         array = np.asarray(matrix, dtype=np.float64)
@@ -51,24 +54,24 @@ def _check_sizes(task_sizes: Sequence[int], num_tasks: int) -> np.ndarray:
     return sizes
 
 
-def incremental_accuracies(matrix: Sequence[Sequence[float]] | np.ndarray, task_sizes: Sequence[int]) -> list[float]:
+def incremental_accuracies(matrix: AccuracyMatrix, task_sizes: Sequence[int]) -> list[float]:
     """Accuracy over all seen classes after each task: ``A_t = sum_{j<=t} n_j a[t][j] / sum_{j<=t} n_j``."""
     array = _check_matrix(matrix)
     sizes = _check_sizes(task_sizes, len(array))
     return [float(array[t, : t + 1] @ sizes[: t + 1] / sizes[: t + 1].sum()) for t in range(len(array))]
 
 
-def final_accuracy(matrix: Sequence[Sequence[float]] | np.ndarray, task_sizes: Sequence[int]) -> float:
+def final_accuracy(matrix: AccuracyMatrix, task_sizes: Sequence[int]) -> float:
     """Accuracy over all classes after the last task (``A_N``)."""
     return incremental_accuracies(matrix, task_sizes)[-1]
 
 
-def average_incremental_accuracy(matrix: Sequence[Sequence[float]] | np.ndarray, task_sizes: Sequence[int]) -> float:
+def average_incremental_accuracy(matrix: AccuracyMatrix, task_sizes: Sequence[int]) -> float:
     """Mean of ``A_t`` over all tasks: rewards methods that stay accurate along the way, not only at the end."""
     return float(np.mean(incremental_accuracies(matrix, task_sizes)))
 
 
-def forgetting(matrix: Sequence[Sequence[float]] | np.ndarray) -> float:
+def forgetting(matrix: AccuracyMatrix) -> float:
     """Mean over old tasks ``j < N`` of ``max_{j <= l < N} a[l][j] - a[N][j]``; 0.0 for a single task.
 
     Not clipped: it is negative when the final model beats every earlier one on an old task. It is never
@@ -82,7 +85,7 @@ def forgetting(matrix: Sequence[Sequence[float]] | np.ndarray) -> float:
     return float(np.mean(drops))
 
 
-def backward_transfer(matrix: Sequence[Sequence[float]] | np.ndarray) -> float:
+def backward_transfer(matrix: AccuracyMatrix) -> float:
     """Mean over old tasks ``j < N`` of ``a[N][j] - a[j][j]`` (negative means forgetting); 0.0 for one task."""
     array = _check_matrix(matrix)
     last = len(array) - 1
@@ -91,7 +94,7 @@ def backward_transfer(matrix: Sequence[Sequence[float]] | np.ndarray) -> float:
     return float(np.mean(array[last, :last] - np.diag(array)[:last]))
 
 
-def summarize(matrix: Sequence[Sequence[float]] | np.ndarray, task_sizes: Sequence[int]) -> dict[str, float]:
+def summarize(matrix: AccuracyMatrix, task_sizes: Sequence[int]) -> dict[str, float]:
     """The four numbers a class-incremental run is reported with."""
     accuracies = incremental_accuracies(matrix, task_sizes)
     return {
