@@ -252,12 +252,13 @@ def test_non_finite_weights_are_refused(tmp_path):
     assert_unchanged(base, before)
 
 
-def test_adapter_for_another_base_model_leaves_that_model_unchanged(tmp_path):
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_adapter_for_another_base_model_leaves_that_model_unchanged(tmp_path, low_cpu_mem_usage):
     save_three_tasks(tmp_path)
     other = CASE_BY_NAME["dinov2"].build()
     before = snapshot(other)
     with pytest.raises(ValueError, match="another base model"):
-        PeftModel.from_pretrained(other, tmp_path)
+        PeftModel.from_pretrained(other, tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
     assert_unchanged(other, before)
 
 
@@ -319,3 +320,15 @@ def test_pickle_only_hub_adapter_is_refused_offline(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text("a" * 40)
     with pytest.raises(ValueError, match=r"someone/adapter holds the adapter weights only as a pickle"):
         SDLoraConfig.from_pretrained("someone/adapter", cache_dir=str(tmp_path))
+
+
+def test_failed_load_with_modules_to_save_unwraps_the_head(tmp_path):
+    base, model = make_peft(VIT_CASE, r=2, modules_to_save=["classifier"])
+    train_steps(model, VIT_CASE.inputs())
+    model.advance_task()
+    model.save_pretrained(tmp_path)
+    edit_config(tmp_path, lambda saved: saved["task_history"].pop())
+    before = snapshot(base)
+    with pytest.raises(ValueError, match="do not match the task history"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert_unchanged(base, before)
