@@ -115,10 +115,12 @@ class SDLoraConfig(PeftConfig):
     rank_schedule: list[int] | str | None = field(
         default=None, metadata={"help": "Rank by task index: None (always r), a list of ranks, or 'rr'."}
     )
-    target_modules: list[str] | str | None = field(
+    target_modules: list[str] | set[str] | str | None = field(
         default=None, metadata={"help": "Modules to adapt; default: the query/value projections of the model type."}
     )
-    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules never to adapt."})
+    exclude_modules: list[str] | set[str] | str | None = field(
+        default=None, metadata={"help": "Modules never to adapt."}
+    )
     layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Indices of the layers to adapt."}
     )
@@ -215,10 +217,9 @@ class SDLoraConfig(PeftConfig):
         """The rank of task `task`'s direction (0-based task index)."""
         if self.rank_schedule is None:
             return self.r
-        if self.rank_schedule == "rr":
-            for end, fraction in RR_RANK_FRACTIONS:
-                if end is None or task < end:
-                    return max(1, round(self.r * fraction))
+        if isinstance(self.rank_schedule, str):  # "rr", the only name _validate lets through
+            fraction = next(fraction for end, fraction in RR_RANK_FRACTIONS if end is None or task < end)
+            return max(1, round(self.r * fraction))
         return self.rank_schedule[min(task, len(self.rank_schedule) - 1)]
 
     @property

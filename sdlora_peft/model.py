@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -22,8 +23,8 @@ _VISION_MODEL_TYPES = (
     "siglip2", "siglip2_vision_model",
 )  # fmt: skip
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
-    **{model_type: _VISION_QUERY_VALUE for model_type in _VISION_MODEL_TYPES},
+    **{model_type: list(names) for model_type, names in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.items()},
+    **{model_type: list(_VISION_QUERY_VALUE) for model_type in _VISION_MODEL_TYPES},
 }
 """Default `target_modules` by `config.model_type`: the query and value projections, as in the paper."""
 
@@ -74,7 +75,7 @@ class SDLoraModel(BaseTuner):
         """Create the adapter's global magnitudes, then let PEFT inject its layers. Runs for the first adapter and
         for each one added later (`add_adapter`, `load_adapter`); an added adapter is not trainable until it is
         activated."""
-        config = self.peft_config[adapter_name]
+        config = cast(SDLoraConfig, self.peft_config[adapter_name])
         if not hasattr(self, "sdlora_magnitude"):
             self.sdlora_magnitude = nn.ParameterDict({})
         if config.magnitude_sharing == "global":
@@ -98,7 +99,7 @@ class SDLoraModel(BaseTuner):
         if adapter_name in self.sdlora_magnitude:
             del self.sdlora_magnitude[adapter_name]
 
-    def _prepare_adapter_config(self, peft_config: SDLoraConfig, model_config: dict) -> SDLoraConfig:
+    def _prepare_adapter_config(self, peft_config: SDLoraConfig, model_config: dict) -> SDLoraConfig:  # type: ignore[override]
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
             if model_type not in self.target_module_mapping:
@@ -109,7 +110,7 @@ class SDLoraModel(BaseTuner):
             peft_config.target_modules = set(self.target_module_mapping[model_type])
         return peft_config
 
-    def _create_and_replace(
+    def _create_and_replace(  # type: ignore[override]  # PEFT passes the tuner's own config type
         self,
         config: SDLoraConfig,
         adapter_name: str,
@@ -119,7 +120,7 @@ class SDLoraModel(BaseTuner):
         current_key: str,
         **optional_kwargs,
     ) -> None:
-        kwargs = {
+        kwargs: dict[str, Any] = {
             "rank": config.rank_for_task(config.current_task),
             "frozen_ranks": config.frozen_ranks,
             "magnitude_init": float(config.magnitude_init),
@@ -177,7 +178,7 @@ class SDLoraModel(BaseTuner):
             [`TaskRecord`]: the finished task's index, rank, whether it was absorbed, and the fit's residual.
         """
         adapter_name, layers = self._resolve_adapter(adapter_name)
-        config: SDLoraConfig = self.peft_config[adapter_name]
+        config = cast(SDLoraConfig, self.peft_config[adapter_name])
         with torch.no_grad():
             record, magnitudes = self._finish_task(adapter_name, config, layers)
             if config.reset_magnitudes:
@@ -231,7 +232,7 @@ class SDLoraModel(BaseTuner):
                 f"Task {task}'s direction of adapter {adapter_name!r} has non-finite values (training diverged?); "
                 "nothing was changed. Lower the learning rate or train the adapter in float32."
             )
-        threshold = _zero_norm(layers[0].sdlora_A[adapter_name].dtype, layers[0].get_base_layer().weight.dtype)
+        threshold = _zero_norm(layers[0].sdlora_A[adapter_name].dtype, layers[0]._base_weight().dtype)
         live = norms > threshold
         if not live.any():
             warnings.warn(
@@ -308,7 +309,7 @@ class SDLoraModel(BaseTuner):
     # ----------------------------------------------------------------------------------------------------------
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(
+    def _remap_adapter_state_dict_for_load(  # type: ignore[override]
         cls, model: nn.Module, config: SDLoraConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Map checkpoint keys to the model and refuse, before anything is loaded, weights whose shapes or keys

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
@@ -31,13 +32,11 @@ from ..config import SDLoraConfig
 from . import zoo
 from .baselines import METHOD_NAMES, AdapterOptions, make_method
 from .data import (
-    IMAGE_COLUMNS,
-    TEXT_COLUMNS,
     ImageCollator,
     TaskSplit,
     TextCollator,
     dataset_classes,
-    detect_modality,
+    detect_input,
     split_dataset,
 )
 from .heads import HEAD_NAMES, make_head
@@ -138,11 +137,9 @@ def _method_entries(value: str, default_head: str) -> list[tuple[str, str, str]]
     return entries
 
 
-def _collate(args: argparse.Namespace, modality: str, processor: object, columns: list[str], train: bool, seed: int):
+def _collate(args: argparse.Namespace, modality: str, column: str, processor: Any, train: bool, seed: int):
     if modality == "image":
-        column = args.image_column or next(c for c in columns if c in IMAGE_COLUMNS)
         return ImageCollator(column, args.label_column, args.image_size, processor, args.augment, train, seed)
-    column = args.text_column or next(c for c in columns if c in TEXT_COLUMNS)
     return TextCollator(processor, column, args.label_column, args.max_length)
 
 
@@ -212,7 +209,7 @@ def run(args: argparse.Namespace) -> dict:
     _start_output(args, accelerator)
     data = zoo.load_dataset(args.dataset)
     train_data, test_data = data["train"], data["test"]
-    modality = detect_modality(train_data, args.image_column, args.text_column)
+    modality, column = detect_input(train_data, args.image_column, args.text_column)
     classes = dataset_classes(train_data, args.label_column)
     entries = _method_entries(args.methods, args.head)
     options = AdapterOptions(
@@ -237,8 +234,8 @@ def run(args: argparse.Namespace) -> dict:
                 continue
             set_seed(seed)
             # collators of its own: a run's augmentations do not depend on which runs came before it
-            collate = _collate(args, modality, processor, train_data.column_names, train=True, seed=seed)
-            eval_collate = _collate(args, modality, processor, train_data.column_names, train=False, seed=seed)
+            collate = _collate(args, modality, column, processor, train=True, seed=seed)
+            eval_collate = _collate(args, modality, column, processor, train=False, seed=seed)
             method = make_method(method_name, options)
             task_split, task_train, task_test = split, train_sets, test_sets
             if method_name == "joint":

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Image, Value
 from PIL import Image as PILImage
+from transformers import PreTrainedTokenizerBase
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
 TEXT_COLUMNS = ("text", "sentence", "content")
@@ -133,8 +134,9 @@ def split_dataset(
     return subsets
 
 
-def detect_modality(dataset: Dataset, image_column: str | None = None, text_column: str | None = None) -> str:
-    """Return ``"image"`` or ``"text"``: what kind of backbone and preprocessing the dataset needs.
+def detect_input(dataset: Dataset, image_column: str | None = None, text_column: str | None = None) -> tuple[str, str]:
+    """Return the modality (``"image"`` or ``"text"``: what kind of backbone and preprocessing the dataset needs)
+    and the column that holds the inputs.
 
     An explicit column wins. Otherwise an `Image` feature or a column named like ``image``/``img``/
     ``pixel_values`` means image, and a string column named like ``text``/``sentence``/``content`` means text.
@@ -145,7 +147,7 @@ def detect_modality(dataset: Dataset, image_column: str | None = None, text_colu
         if column is not None:
             if column not in dataset.features:
                 raise ValueError(f"column {column!r} not found; available columns: {dataset.column_names}")
-            return modality
+            return modality, column
 
     features = dataset.features
     images = [n for n, f in features.items() if isinstance(f, Image) or n in IMAGE_COLUMNS]
@@ -153,9 +155,9 @@ def detect_modality(dataset: Dataset, image_column: str | None = None, text_colu
     if images and texts:
         raise ValueError(f"found image columns {images} and text columns {texts}; pass image_column or text_column")
     if images:
-        return "image"
+        return "image", images[0]
     if texts:
-        return "text"
+        return "text", texts[0]
     raise ValueError(
         f"cannot tell whether the dataset holds images or text (features: {features}); "
         "pass image_column= or text_column="
@@ -243,14 +245,14 @@ class ImageCollator:
     def _transform(self, image: PILImage.Image) -> PILImage.Image:
         size = (self.image_size, self.image_size)
         if not self.augment:
-            return image.resize(size, PILImage.BILINEAR)
+            return image.resize(size, PILImage.Resampling.BILINEAR)
         if not self.train:
             resized = round(self.image_size / 0.875)
-            image = image.resize((resized, resized), PILImage.BILINEAR)
+            image = image.resize((resized, resized), PILImage.Resampling.BILINEAR)
             offset = (resized - self.image_size) // 2
             return image.crop((offset, offset, offset + self.image_size, offset + self.image_size))
-        image = image.resize(size, PILImage.BILINEAR, box=self._random_box(image.size))
-        return image.transpose(PILImage.FLIP_LEFT_RIGHT) if self.rng.random() < 0.5 else image
+        image = image.resize(size, PILImage.Resampling.BILINEAR, box=self._random_box(image.size))
+        return image.transpose(PILImage.Transpose.FLIP_LEFT_RIGHT) if self.rng.random() < 0.5 else image
 
     def _random_box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
         """A RandomResizedCrop box: area fraction in [0.05, 1], aspect ratio in [3/4, 4/3] (log-uniform)."""
@@ -268,7 +270,9 @@ class ImageCollator:
 class TextCollator:
     """Dataset rows -> a tokenized, padded batch `{"input_ids", "attention_mask", "labels"}`."""
 
-    def __init__(self, tokenizer: object, text_column: str, label_column: str, max_length: int = 64) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, text_column: str, label_column: str, max_length: int = 64
+    ) -> None:
         self.tokenizer, self.text_column, self.label_column = tokenizer, text_column, label_column
         self.max_length = max_length
 

@@ -311,7 +311,7 @@ def _matmul_weight_names(graph, tensors: dict[str, torch.Tensor]) -> dict[str, s
 def _installed_dinov2_names(state: dict[str, torch.Tensor], model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The cache holds transformers >= 5 names; a transformers that still names the projections the ViT way
     (`attention.attention.query`, ...) gets them renamed back."""
-    if set(state) <= set(model.dinov2.state_dict()):
+    if set(state) <= set(model.get_submodule("dinov2").state_dict()):
         return state
     renamed = {}
     for name, tensor in state.items():

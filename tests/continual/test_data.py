@@ -10,7 +10,7 @@ from sdlora_peft.continual.data import (
     TaskSplit,
     class_order,
     dataset_classes,
-    detect_modality,
+    detect_input,
     split_classes,
     split_dataset,
 )
@@ -148,20 +148,20 @@ def test_split_dataset_invalid_labels(dataset, message):
         split_dataset(dataset, TaskSplit([[0], [1]]))
 
 
-def test_detect_modality_from_features_and_names():
+def test_detect_input_from_features_and_names():
     images = Dataset.from_dict(
         {"photo": ["a.png"], "label": [0]}, features=Features({"photo": Image(), "label": Value("int64")})
     )
-    assert detect_modality(images) == "image"
-    assert detect_modality(Dataset.from_dict({"img": [[0.0]], "label": [0]})) == "image"
-    assert detect_modality(Dataset.from_dict({"sentence": ["hi"], "label": [0]})) == "text"
-    assert detect_modality(_dataset([0])) == "text"
+    assert detect_input(images) == ("image", "photo")  # an Image feature under any name
+    assert detect_input(Dataset.from_dict({"img": [[0.0]], "label": [0]})) == ("image", "img")
+    assert detect_input(Dataset.from_dict({"sentence": ["hi"], "label": [0]})) == ("text", "sentence")
+    assert detect_input(_dataset([0]))[0] == "text"
 
 
-def test_detect_modality_explicit_column():
+def test_detect_input_explicit_column():
     dataset = Dataset.from_dict({"pixels": [[0.0]], "caption": ["x"]})
-    assert detect_modality(dataset, image_column="pixels") == "image"
-    assert detect_modality(dataset, text_column="caption") == "text"
+    assert detect_input(dataset, image_column="pixels") == ("image", "pixels")
+    assert detect_input(dataset, text_column="caption") == ("text", "caption")
 
 
 @pytest.mark.parametrize(
@@ -173,9 +173,9 @@ def test_detect_modality_explicit_column():
         ({"text": ["x"]}, {"image_column": "a", "text_column": "text"}, "not both"),
     ],
 )
-def test_detect_modality_errors(columns, kwargs, message):
+def test_detect_input_errors(columns, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        detect_modality(Dataset.from_dict(columns), **kwargs)
+        detect_input(Dataset.from_dict(columns), **kwargs)
 
 
 # Bad datasets, as the CLI meets them: each error says what is wrong and what to do.
