@@ -7,7 +7,9 @@ masked (the paper's protocol); they differ in how old and new classes are scored
 - `cosine`: the classification layer becomes a cosine classifier (normalised features and class weights);
 - `ncm`: nearest class mean of the adapted features, each class's mean taken when its task ends;
 - `aligned`: per-class feature Gaussians, stored when a task ends; after each task the classification layer is
-  re-trained on features sampled from them (classifier alignment, as in SLCA).
+  re-trained on features sampled from them (classifier alignment, as in SLCA);
+- `ncm-sdc`, `aligned-sdc`: the same, with the stored class means moved along with the features as the backbone
+  learns (semantic drift compensation, Yu et al., CVPR 2020), estimated from the current task's own samples.
 
 Heads store class statistics only (a mean, and for `aligned` a covariance, per class): the runs stay
 rehearsal-free, and `stored_statistics()` reports what was kept.
@@ -21,7 +23,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from torch.nn import functional as F
 
-HEAD_NAMES = ("linear", "cosine", "ncm", "aligned")
+HEAD_NAMES = ("linear", "cosine", "ncm", "aligned", "ncm-sdc", "aligned-sdc")
 CLASSIFIER_NAMES = ("classifier", "score", "head", "fc")
 
 
@@ -69,9 +71,14 @@ class Head:
     """The masked linear head; subclasses change how classes are scored at evaluation."""
 
     name = "linear"
+    compensates_drift = False  # whether `compensate_drift` wants the task's features from before its training
 
     def prepare(self, model: nn.Module) -> None:
         """Adapt the (not yet PEFT-wrapped) model's classification layer before training starts."""
+
+    def compensate_drift(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Called when a task ends, before `end_task`, with its training samples' features from before and after
+        the task's training (only if `compensates_drift`)."""
 
     def end_task(self, model: nn.Module, features: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> None:
         """Called when a task ends with the adapted features of its training samples."""
@@ -100,8 +107,23 @@ class ClassMeanHead(Head):
 
     name = "ncm"
 
-    def __init__(self) -> None:
+    def __init__(self, compensates_drift: bool = False) -> None:
         self.means: dict[int, torch.Tensor] = {}
+        self.compensates_drift = compensates_drift
+        if compensates_drift:
+            self.name = f"{self.name}-sdc"
+
+    @torch.no_grad()
+    def compensate_drift(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Move each stored mean by the average drift (`after - before`) of the current task's samples, weighted by
+        a Gaussian of their distance to the mean before training. The bandwidth adapts to each class: the median
+        squared distance, so the nearest half of the samples carries most of the weight whatever the feature scale.
+        Only the current task's samples are used: the run stays rehearsal-free."""
+        drift = after.float() - before.float()
+        for label, mean in self.means.items():
+            squared = (before.float() - mean).pow(2).sum(dim=1)
+            weights = torch.softmax(-squared / (2 * squared.median().clamp_min(1e-12)), dim=0)
+            self.means[label] = mean + weights @ drift
 
     def end_task(self, model: nn.Module, features: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> None:
         for label in classes:
@@ -124,8 +146,15 @@ class AlignedHead(ClassMeanHead):
 
     name = "aligned"
 
-    def __init__(self, samples_per_class: int = 256, epochs: int = 5, lr: float = 0.01, seed: int = 0) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        samples_per_class: int = 256,
+        epochs: int = 5,
+        lr: float = 0.01,
+        seed: int = 0,
+        compensates_drift: bool = False,
+    ) -> None:
+        super().__init__(compensates_drift)
         self.covariances: dict[int, torch.Tensor] = {}
         self.samples_per_class, self.epochs, self.lr, self.seed = samples_per_class, epochs, lr, seed
 
@@ -181,9 +210,11 @@ class AlignedHead(ClassMeanHead):
 
 def make_head(name: str, seed: int = 0) -> Head:
     """The head named `name` (one of HEAD_NAMES)."""
-    heads = {"linear": Head, "cosine": CosineHead, "ncm": ClassMeanHead}
-    if name == "aligned":
-        return AlignedHead(seed=seed)
-    if name not in heads:
+    if name not in HEAD_NAMES:
         raise ValueError(f"Unknown head {name!r}; choose one of {list(HEAD_NAMES)}.")
-    return heads[name]()
+    base, _, suffix = name.partition("-")
+    if base == "aligned":
+        return AlignedHead(seed=seed, compensates_drift=suffix == "sdc")
+    if base == "ncm":
+        return ClassMeanHead(compensates_drift=suffix == "sdc")
+    return CosineHead() if base == "cosine" else Head()

@@ -205,9 +205,14 @@ def run_sequence(
         classes = split.tasks[task]
         start = time.perf_counter()
         name = f"{method.name} task {task + 1}/{num_tasks}"
+        before = None
+        if head.compensates_drift and method.trains and task > 0:
+            before, _, _ = extract(accelerator, model, train_sets[task], eval_collate, settings.eval_batch_size)
         if method.trains:
             model = train_task(accelerator, model, train_sets[task], collate, classes, settings, name)
         features, _, labels = extract(accelerator, model, train_sets[task], eval_collate, settings.eval_batch_size)
+        if before is not None:
+            head.compensate_drift(before, features)
         head.end_task(model, features, labels, classes)
         progress.train_seconds += time.perf_counter() - start
         seen = split.seen_classes(task)

@@ -26,6 +26,7 @@ def run_cli(tmp_path, *extra: str) -> dict:
 
 def test_every_method_end_to_end(tmp_path):
     methods = "sdlora,sdlora-rr,sdlora-kd,lora-seq,lora-merge,ncm,linear,joint,sdlora@aligned,lora-seq@linear"
+    methods += ",sdlora@aligned-sdc"
     results = run_cli(tmp_path, "--num-tasks", "3", "--methods", methods, "--head", "ncm")
     assert list(results["methods"]) == methods.split(",")
     for name, summary in results["methods"].items():
@@ -41,6 +42,7 @@ def test_every_method_end_to_end(tmp_path):
     assert results["methods"]["ncm"]["runs"][0]["trainable_parameters"] == 0
     assert results["methods"]["ncm"]["runs"][0]["head_statistics"]["class_means"] == 10
     assert results["methods"]["sdlora@aligned"]["runs"][0]["head_statistics"]["class_covariances"] == 10
+    assert results["methods"]["sdlora@aligned-sdc"]["runs"][0]["head"] == "aligned-sdc"
     assert results["methods"]["lora-seq@linear"]["runs"][0]["head"] == "linear"
 
     output = tmp_path / "out"

@@ -85,3 +85,27 @@ def test_decoder_features_are_taken_at_the_last_real_token():
     assert torch.equal(_pooled(hidden, right_padded), torch.stack([hidden[0, 1], hidden[1, 3]]))
     assert torch.equal(_pooled(hidden, left_padded), hidden[:, 3])
     assert torch.equal(_pooled(hidden[:, 0], None), hidden[:, 0])  # encoder heads already get pooled features
+
+
+@pytest.mark.parametrize("name", ["ncm-sdc", "aligned-sdc"])
+def test_drift_compensation_moves_each_mean_with_the_samples_near_it(name):
+    head = make_head(name)
+    assert head.compensates_drift and head.name == name
+    old, old_labels = clusters([0, 1], dims=4)
+    head.means = {c: old[old_labels == c].mean(0) for c in (0, 1)}
+    before = head.means.copy()
+    # the current task's samples sit on the old classes; those near class 0 drift one way, near class 1 the other
+    current, near = clusters([0, 1], dims=4, seed=0)
+    shift = torch.tensor([3.0, 0.0, 0.0, 0.0])
+    after = current + torch.where((near == 0).unsqueeze(1), shift, -shift)
+
+    head.compensate_drift(current, after)
+
+    assert torch.allclose(head.means[0] - before[0], shift, atol=0.05)
+    assert torch.allclose(head.means[1] - before[1], -shift, atol=0.05)
+    head.compensate_drift(after, after + 1.0)  # a uniform drift moves every mean by exactly that much
+    assert torch.allclose(head.means[0] - before[0], shift + 1.0, atol=0.05)
+
+
+def test_heads_without_drift_compensation_ask_for_no_extra_features():
+    assert not any(make_head(name).compensates_drift for name in ("linear", "cosine", "ncm", "aligned"))
