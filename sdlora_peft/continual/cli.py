@@ -222,8 +222,8 @@ def run(args: argparse.Namespace) -> dict:
     info = None
     for seed in _csv(args.seeds, int):
         split = TaskSplit.from_classes(classes, args.num_tasks, seed)
-        train_sets = split_dataset(train_data, split, args.label_column, args.max_train_per_class, seed)
-        test_sets = split_dataset(test_data, split, args.label_column, args.max_test_per_class, seed)
+        train_sets = split_dataset(train_data, split, args.label_column, args.max_train_per_class, seed, "train")
+        test_sets = split_dataset(test_data, split, args.label_column, args.max_test_per_class, seed, "test")
         set_seed(seed)
         base, processor, info = zoo.load_model(args.model, len(classes), modality=modality)
         settings = TrainSettings(args.epochs, args.batch_size, args.lr, args.head_lr, seed=seed)

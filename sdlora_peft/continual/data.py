@@ -101,12 +101,14 @@ def split_dataset(
     label_column: str = "label",
     max_per_class: int | None = None,
     seed: int = 0,
+    part: str | None = None,
 ) -> list[Dataset]:
     """One subset of ``dataset`` per task, holding the samples of that task's classes in dataset order.
 
     Samples of classes outside the split are dropped. With ``max_per_class``, each class keeps at most that
     many samples, drawn with ``seed``. Raises if a class of the split has no sample, since its accuracy could
-    not be measured (or learned).
+    not be measured (or learned); the error names ``part`` ("train", "test"; default: the dataset's own split name,
+    which datasets loaded from disk lack).
     """
     _label_feature(dataset, label_column)
     if max_per_class is not None and max_per_class < 1:
@@ -115,7 +117,8 @@ def split_dataset(
     by_class = _indices_by_class(labels)
     empty = [c for c in split.task_of_class if c not in by_class]
     if empty:
-        where = f"the {dataset.split} split" if dataset.split else "the dataset"
+        part = part or (str(dataset.split) if dataset.split else None)
+        where = f"the {part} split" if part else "the dataset"
         raise ValueError(
             f"classes {sorted(empty)} have no samples in {where}, so they could not be learned or scored; "
             "remove them from the label space or add samples of them to every split"
