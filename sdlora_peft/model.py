@@ -189,6 +189,17 @@ class SDLoraModel(BaseTuner):
         self._open_next_task(adapter_name, config, layers, magnitudes)
         return record
 
+    def task_magnitudes(self, adapter_name: str | None = None) -> dict[int, float]:
+        """The magnitude of every kept task's direction and of the current task's, by task index (the mean over
+        layers with per-layer magnitudes); a task whose direction was absorbed or dropped has none."""
+        adapter_name = adapter_name or self.active_adapters[0]
+        config = cast(SDLoraConfig, self.peft_config[adapter_name])
+        magnitudes = self._magnitudes(adapter_name, self._layers(adapter_name))
+        if magnitudes.dim() == 2:
+            magnitudes = magnitudes.mean(0)
+        tasks = [record["task"] for record in config.task_history if not record["absorbed"]] + [config.current_task]
+        return dict(zip(tasks, magnitudes.tolist()))
+
     def _resolve_adapter(self, adapter_name: str | None) -> tuple[str, list[SDLoraLayer]]:
         """The adapter `advance_task` acts on and its layers, after checking it can advance."""
         if adapter_name is None:

@@ -428,3 +428,17 @@ def test_frozen_directions_run_in_the_models_dtype():
     assert magnitude.grad.dtype == torch.float32 and (magnitude.grad[:-1] != 0).all()
     torch.testing.assert_close(logits.float(), reference(pixel_values=inputs["pixel_values"].float()).logits,
                                rtol=0.05, atol=0.05)  # fmt: skip
+
+
+@pytest.mark.parametrize("sharing", SHARINGS)
+def test_task_magnitudes_name_each_kept_task(sharing):
+    _, model = make_peft(MLP_CASE, magnitude_sharing=sharing)
+    inputs = MLP_CASE.inputs()
+    run_tasks(model, inputs, 1)
+    model.advance_task()  # task 1 is never trained: its direction is dropped and has no magnitude
+    train_steps(model, inputs)
+    magnitudes = [p.detach() for n, p in model.named_parameters() if "sdlora_magnitude" in n]
+    expected = torch.stack(magnitudes).mean(0).tolist()  # one vector, or one per layer
+
+    assert model.task_magnitudes() == {0: expected[0], 2: expected[1]}
+    assert model.task_magnitudes("default") == model.task_magnitudes()

@@ -188,10 +188,8 @@ class SDLoRA(PeftMethod):
     def magnitudes(self, model: nn.Module) -> list[float | None]:
         """Magnitude of each finished task's direction (the mean over layers with per-layer magnitudes); None for a
         task whose direction was absorbed."""
-        tensors = [p.detach().float() for n, p in model.named_parameters() if "sdlora_magnitude" in n]
-        kept = iter((torch.stack(tensors).mean(0))[:-1].tolist())  # the last slot is the next task's, just opened
-        history = _sdlora_config(model).task_history
-        return [None if record["absorbed"] else next(kept) for record in history]
+        by_task = _peft(model).task_magnitudes()
+        return [by_task.get(record["task"]) for record in _sdlora_config(model).task_history]
 
     def stored_parameters(self, model: nn.Module) -> int:
         """Frozen factors, their scales, the magnitudes and any trained current factors (an empty slot that

@@ -55,16 +55,6 @@ def active_config(model: nn.Module | None) -> SDLoraConfig:
     return config
 
 
-def task_magnitudes(model: PeftModel) -> dict[int, float]:
-    """Magnitude of every stored direction and of the current one, by task index (mean over layers when magnitudes
-    are per layer). Tasks whose direction was absorbed (SD-LoRA-KD, or never trained) have no magnitude."""
-    config = active_config(model)
-    suffix = f"sdlora_magnitude.{model.active_adapter}"
-    values = torch.stack([p.detach().float() for n, p in model.named_parameters() if n.endswith(suffix)]).mean(0)
-    tasks = [record["task"] for record in config.task_history if not record["absorbed"]] + [config.current_task]
-    return dict(zip(tasks, values.tolist()))
-
-
 class ContinualTrainer(Trainer):
     """A `Trainer` for a sequence of class-incremental tasks on an SD-LoRA `PeftModel`.
 
@@ -205,7 +195,7 @@ class ContinualTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the task index and the magnitudes to every log entry (training and evaluation alike)."""
-        extra = {MAGNITUDE_KEY.format(task): value for task, value in task_magnitudes(self.peft_model).items()}
+        extra = {MAGNITUDE_KEY.format(task): value for task, value in self.peft_model.task_magnitudes().items()}
         if self.task is not None:
             extra["sdlora/task"] = self.task
         super().log({**logs, **extra}, start_time)

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainingArguments
 
 from sdlora_peft import SDLoraConfig
-from sdlora_peft.continual.trainer import ContinualTrainer, task_folder, task_magnitudes
+from sdlora_peft.continual.trainer import ContinualTrainer, task_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = [[0, 1], [2, 3], [4, 5]]
@@ -140,7 +140,7 @@ def test_magnitudes_reach_the_callbacks_on_log(uninterrupted):
         assert logged == [f"sdlora/magnitude/task_{k}" for k in range(logs["sdlora/task"] + 1)]
     final = recorder.logs[-1]
     assert "train_runtime" in final
-    assert {k: final[f"sdlora/magnitude/task_{k}"] for k in range(3)} == task_magnitudes(trainer.model)
+    assert {k: final[f"sdlora/magnitude/task_{k}"] for k in range(3)} == trainer.model.task_magnitudes()
     assert final["sdlora/magnitude/task_0"] != 1.0  # an old magnitude kept training
 
 
