@@ -41,7 +41,7 @@ def classifier_path(model: nn.Module) -> str:
 
 def classifier_linear(model: nn.Module) -> nn.Linear:
     """The trainable linear classification layer, looking through PEFT's modules_to_save wrapper."""
-    module = model.get_submodule(classifier_path(_unwrap(model)))
+    module = model.get_submodule(classifier_path(unwrap(model)))
     if isinstance(module, ModulesToSaveWrapper):
         module = module.modules_to_save[module.active_adapters[0]]
     linear = module.linear if isinstance(module, CosineClassifier) else module
@@ -50,7 +50,8 @@ def classifier_linear(model: nn.Module) -> nn.Linear:
     return linear
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PeftModel (any other model as it is)."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
@@ -119,9 +120,10 @@ class ClassMeanHead(Head):
         a Gaussian of their distance to the mean before training. The bandwidth adapts to each class: the median
         squared distance, so the nearest half of the samples carries most of the weight whatever the feature scale.
         Only the current task's samples are used: the run stays rehearsal-free."""
-        drift = after.float() - before.float()
+        before = before.float()
+        drift = after.float() - before
         for label, mean in self.means.items():
-            squared = (before.float() - mean).pow(2).sum(dim=1)
+            squared = (before - mean).pow(2).sum(dim=1)
             weights = torch.softmax(-squared / (2 * squared.median().clamp_min(1e-12)), dim=0)
             self.means[label] = mean + weights @ drift
 

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from datasets import Dataset
-from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .baselines import Method
 from .data import TaskSplit
-from .heads import Head, classifier_path
+from .heads import Head, classifier_path, unwrap
 from .metrics import incremental_accuracies, summarize
 from .report import atomic_write_dir
 
@@ -65,7 +64,7 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, classes: to
 
 
 def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    head = classifier_path(model.get_base_model() if isinstance(model, PeftModel) else model)
+    head = classifier_path(unwrap(model))
     groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -115,7 +114,7 @@ def extract(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features (the classification layer's input), logits and labels of every sample of `dataset`, gathered
     from all processes, on the CPU."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = unwrap(model)
     captured: list[torch.Tensor] = []
     hook = base.get_submodule(classifier_path(base)).register_forward_hook(
         lambda module, inputs, output: captured.append(inputs[0])
