@@ -125,6 +125,20 @@ def test_fused_forward_matches_dense_math(case, sharing):
     assert torch.allclose(output(model, inputs), dense_reference(model, base, inputs), atol=1e-5)
 
 
+@pytest.mark.parametrize("sharing", SHARINGS)
+def test_fused_forward_matches_dense_math_after_an_absorbed_task(sharing):
+    base, model = make_peft(VIT_CASE, r=3, magnitude_sharing=sharing, kd_threshold=9e-4)
+    inputs = VIT_CASE.inputs()
+    run_tasks(model, inputs, 1)
+    put_old_direction(model)
+    assert model.advance_task().absorbed
+    train_steps(model, inputs)  # the fold changed the old magnitudes; training moves them on
+    assert not run_tasks(model, inputs, 1)[0].absorbed
+    train_steps(model, inputs)
+    assert model.peft_config["default"].frozen_ranks == [3, 3]
+    assert torch.allclose(output(model, inputs), dense_reference(model, base, inputs), atol=1e-5)
+
+
 def test_rank_schedule_rr_follows_the_paper():
     _, model = make_peft(MLP_CASE, r=10, rank_schedule="rr")
     records = run_tasks(model, MLP_CASE.inputs(), 10, steps=1)
