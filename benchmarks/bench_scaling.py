@@ -12,7 +12,9 @@ Variants:
   stored: at N = 20 this is the paper's 7.37M parameters);
 - `sdlora-rr-t<N>`: the same with SD-LoRA-RR's rank schedule;
 - `naive-t<N>`: the same math as `sdlora-t<N>` written as a Python loop over tasks in every layer, each frozen
-  direction applied on its own and re-normalised at every forward (a reference point only, kept in this file).
+  direction applied on its own and re-normalised at every forward (a reference point only, kept in this file);
+- `upcast-t<N>` (bfloat16 runs only): `sdlora-t<N>` with its frozen directions applied in float32, where PEFT applies
+  trainable adapters in a half-precision model (a reference point for running them in the model's dtype).
 
 Usage:
     python benchmarks/bench_scaling.py                  # ViT-B/16 shape, 112 px, batch 8, 2 CPU threads
@@ -32,6 +34,7 @@ import shlex
 import statistics
 import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +113,21 @@ def naive_copy(sdlora: PeftModel, base: nn.Module) -> nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(modules[parent], child, NaiveSDLoraLinear(modules[name], layer, magnitude))
     return model
+
+
+def upcast_copy(sdlora: PeftModel, base: nn.Module) -> PeftModel:
+    """`sdlora` with every layer's frozen directions applied to a float32 copy of the input."""
+    model = shared_copy(sdlora, base)
+    for layer in model.modules():
+        if isinstance(layer, SDLoraLayer):
+            layer._frozen_output = types.MethodType(_frozen_output_in_float32, layer)  # type: ignore[method-assign]
+    return model
+
+
+def _frozen_output_in_float32(
+    layer: SDLoraLayer, x: torch.Tensor, adapter_name: str, magnitude: torch.Tensor
+) -> torch.Tensor:
+    return SDLoraLayer._frozen_output(layer, x.float(), adapter_name, magnitude)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -440,26 +458,6 @@ def machine(settings: Settings) -> str:
     return f"CPU {cpu}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads"
 
 
-def results_table(variants: list[Variant]) -> list[str]:
-    by_name = {variant.name: variant for variant in variants}
-    lora_train, lora_peak = median_ms(by_name["lora"], "train"), by_name["lora"].peak_bytes
-    base_infer = median_ms(by_name["base"], "infer")
-    lines = [
-        "| variant | tasks | train step ms | IQR ms | x LoRA | peak train MiB | x LoRA | infer ms | x base "
-        "| merged infer ms | x base | trainable | stored |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for v in variants:
-        train, infer, merged = median_ms(v, "train"), median_ms(v, "infer"), median_ms(v, "merged")
-        peak = None if v.peak_bytes is None else v.peak_bytes / 2**20
-        tasks = "-" if v.tasks is None else str(v.tasks)
-        cells = [v.name, tasks, cell(train), iqr_ms(v, "train"), ratio(train, lora_train)]
-        cells += [cell(peak), ratio(v.peak_bytes, lora_peak), cell(infer), ratio(infer, base_infer)]
-        cells += [cell(merged), ratio(merged, base_infer), f"{v.trainable:,}", f"{v.stored:,}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
 def write_results(
     path: Path,
     argv: Sequence[str],
@@ -527,8 +525,11 @@ def write_plot(path: Path, variants: list[Variant]) -> None:
         axes.plot(
             TASK_GRID, [median_ms(by_name[f"{prefix}{t}"], "train") for t in TASK_GRID], marker=marker, label=label
         )
-    rr = by_name[f"sdlora-rr-t{TASK_GRID[-1]}"]
-    axes.plot([TASK_GRID[-1]], [median_ms(rr, "train")], marker="^", linestyle="", label="SD-LoRA-RR")
+    last = TASK_GRID[-1]
+    for name, label, marker in (("sdlora-rr", "SD-LoRA-RR", "^"), ("upcast", "SD-LoRA, frozen in float32", "v")):
+        if f"{name}-t{last}" in by_name:
+            time_ms = median_ms(by_name[f"{name}-t{last}"], "train")
+            axes.plot([last], [time_ms], marker=marker, linestyle="", label=label)
     for name, label, style in (("lora", "PEFT LoRA", "--"), ("dora", "PEFT DoRA", ":")):
         axes.axhline(median_ms(by_name[name], "train"), color="grey", linestyle=style, label=label)
     axes.set_xlabel("tasks (directions stored)")
@@ -598,6 +599,10 @@ def build_variants(settings: Settings, base: nn.Module, batch: Batch) -> list[Va
         naive = naive_copy(model, base)
         check_same_function(settings, batch, model, naive, f"naive-t{t}")
         variants.append(Variant(f"naive-t{t}", naive, t))
+    if settings.dtype != torch.float32:
+        upcast = upcast_copy(sdlora[last], base)
+        check_same_function(settings, batch, sdlora[last], upcast, f"upcast-t{last}")
+        variants.append(Variant(f"upcast-t{last}", upcast, last))
     return variants
 
 
