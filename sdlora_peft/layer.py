@@ -153,10 +153,9 @@ class SDLoraLayer(BaseTunerLayer):
         """All frozen directions in one low-rank product, computed in the input's dtype like the base layer: they
         train no factors, so a bfloat16 model need not upcast every token to float32 for them (PEFT keeps the
         trainable factors in float32, and the current direction still runs there)."""
-        dtype = x.dtype
-        column_scales = self._frozen_column_scales(adapter_name, magnitude).to(dtype)
-        hidden = F.linear(x, self.sdlora_frozen_A[adapter_name].to(dtype)) * column_scales
-        return F.linear(hidden, self.sdlora_frozen_B[adapter_name].to(dtype))
+        column_scales = self._frozen_column_scales(adapter_name, magnitude).to(x.dtype)
+        A, B = self.sdlora_frozen_A[adapter_name], self.sdlora_frozen_B[adapter_name]
+        return cast(torch.Tensor, _FrozenLowRank.apply(x, A, B, column_scales))
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's dense update of the base weight, in float32 and in the base weight's layout."""
@@ -242,6 +241,34 @@ class SDLoraLayer(BaseTunerLayer):
                 with torch.no_grad():
                     restored = weight.float() - self.get_delta_weight(adapter_name)
                     weight.data = restored.to(weight.dtype)
+
+
+class _FrozenLowRank(torch.autograd.Function):
+    """`((x A^T) * column_scales) B^T` with frozen factors `A` (R x in) and `B` (out x R), in `x`'s dtype.
+
+    Plain autograd would keep the copies of `A` and `B` cast to `x`'s dtype until the backward pass, in every layer
+    (at 20 tasks more memory than the low-rank activations themselves); this keeps the stored factors and casts them
+    again there. Gradients flow to `x` and `column_scales` only: the factors are frozen.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, column_scales: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = F.linear(x, A.to(x.dtype))
+        ctx.save_for_backward(hidden, A, B, column_scales)
+        return F.linear(hidden * column_scales, B.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None]:
+        hidden, A, B, column_scales = ctx.saved_tensors
+        grad_scaled = grad_output @ B.to(grad_output.dtype)
+        grad_x = grad_scales = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_scaled * column_scales) @ A.to(grad_output.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_scales = (grad_scaled * hidden).reshape(-1, hidden.shape[-1]).sum(0)
+        return grad_x, None, None, grad_scales
 
 
 class SDLoraLinear(nn.Module, SDLoraLayer):

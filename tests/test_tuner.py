@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdlora_peft import SDLoraConfig, lowrank
+from sdlora_peft.layer import _FrozenLowRank
 
 MLP_CASE, VIT_CASE = CASE_BY_NAME["mlp"], CASE_BY_NAME["vit"]
 SHARINGS = ["global", "layer"]
@@ -456,3 +457,35 @@ def test_task_magnitudes_name_each_kept_task(sharing):
 
     assert model.task_magnitudes() == {0: expected[0], 2: expected[1]}
     assert model.task_magnitudes("default") == model.task_magnitudes()
+
+
+@pytest.mark.parametrize("leading", [(), (4,), (2, 3)])
+def test_frozen_low_rank_product_gradients(leading):
+    torch.manual_seed(0)
+    x = torch.randn(*leading, 6, dtype=torch.float64, requires_grad=True)
+    A, B = torch.randn(5, 6, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
+    column_scales = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_FrozenLowRank.apply, (x, A, B, column_scales))
+    expected = ((x @ A.T) * column_scales) @ B.T
+    assert torch.allclose(_FrozenLowRank.apply(x, A, B, column_scales), expected)
+
+
+def test_no_half_precision_copy_of_the_frozen_factors_waits_for_backward():
+    torch.manual_seed(0)
+    model = get_peft_model(VIT_CASE.build().to(torch.bfloat16), SDLoraConfig(r=7))  # frozen factors: float32
+    inputs = {"pixel_values": VIT_CASE.inputs()["pixel_values"].to(torch.bfloat16)}
+    for _ in range(2):
+        train_steps(model, inputs, steps=1, lr=0.05, optimizer_cls=torch.optim.SGD)
+        model.advance_task()
+    layer = sdlora_layers(model)[0]
+    factor_shapes = {layer.sdlora_frozen_A["default"].shape, layer.sdlora_frozen_B["default"].shape}
+    saved = []
+
+    def record(tensor):
+        saved.append((tensor.shape, tensor.dtype))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda tensor: tensor):
+        model(**inputs).logits.float().sum().backward()
+    saved_factors = {dtype for shape, dtype in saved if shape in factor_shapes}
+    assert saved_factors == {torch.float32}, "only the stored float32 factors are kept, no bfloat16 copies"
