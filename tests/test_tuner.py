@@ -425,13 +425,19 @@ class _ProductDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_frozen_directions_run_in_the_models_dtype():
+def bfloat16_vit_after_two_tasks():
+    """A bfloat16 ViT whose adapter (float32, PEFT's default) froze two trained rank-7 directions."""
     torch.manual_seed(0)
-    model = get_peft_model(VIT_CASE.build().to(torch.bfloat16), SDLoraConfig(r=7))  # trainable factors: float32
+    model = get_peft_model(VIT_CASE.build().to(torch.bfloat16), SDLoraConfig(r=7))
     inputs = {"pixel_values": VIT_CASE.inputs()["pixel_values"].to(torch.bfloat16)}
     for _ in range(2):
         train_steps(model, inputs, steps=2, lr=0.05, optimizer_cls=torch.optim.SGD)
         model.advance_task()
+    return model, inputs
+
+
+def test_frozen_directions_run_in_the_models_dtype():
+    model, inputs = bfloat16_vit_after_two_tasks()
     train_steps(model, inputs, steps=2, lr=0.05, optimizer_cls=torch.optim.SGD)
     reference = copy.deepcopy(model).float()
 
@@ -471,12 +477,7 @@ def test_frozen_low_rank_product_gradients(leading):
 
 
 def test_no_half_precision_copy_of_the_frozen_factors_waits_for_backward():
-    torch.manual_seed(0)
-    model = get_peft_model(VIT_CASE.build().to(torch.bfloat16), SDLoraConfig(r=7))  # frozen factors: float32
-    inputs = {"pixel_values": VIT_CASE.inputs()["pixel_values"].to(torch.bfloat16)}
-    for _ in range(2):
-        train_steps(model, inputs, steps=1, lr=0.05, optimizer_cls=torch.optim.SGD)
-        model.advance_task()
+    model, inputs = bfloat16_vit_after_two_tasks()
     layer = sdlora_layers(model)[0]
     factor_shapes = {layer.sdlora_frozen_A["default"].shape, layer.sdlora_frozen_B["default"].shape}
     saved = []
