@@ -29,6 +29,11 @@ slow: $(STAMP)
 	$(PY) -m pip install --quiet onnxruntime  # checks the DINOv2 rebuild against the original ONNX graph
 	$(PY) -m pytest -q -m slow
 
+# speed and memory side by side, a few minutes on 2 CPU cores; on a GPU:
+# make bench BENCH_ARGS="--device cuda --dtype bfloat16 --batch-size 128 --image-size 224 --output benchmarks/RESULTS_gpu.md --plot benchmarks/scaling_gpu.png"
+bench: $(STAMP)
+	$(PY) benchmarks/bench_scaling.py $(BENCH_ARGS)
+
 lint: $(STAMP)
 	$(PY) -m ruff check sdlora_peft tests examples benchmarks
 	$(PY) -m ruff format --check sdlora_peft tests examples benchmarks
