@@ -244,11 +244,12 @@ class SDLoraLayer(BaseTunerLayer):
 
 
 class _FrozenLowRank(torch.autograd.Function):
-    """`((x A^T) * column_scales) B^T` with frozen factors `A` (R x in) and `B` (out x R), in `x`'s dtype.
+    """`((x A^T) * column_scales) B^T` with frozen factors `A` (R x in) and `B` (out x R), in `x`'s dtype (or in
+    autocast's, under torch.autocast).
 
-    Plain autograd would keep the copies of `A` and `B` cast to `x`'s dtype until the backward pass, in every layer
-    (at 20 tasks more memory than the low-rank activations themselves); this keeps the stored factors and casts them
-    again there. Gradients flow to `x` and `column_scales` only: the factors are frozen.
+    Plain autograd would keep the copies of `A` and `B` cast to that dtype until the backward pass, in every layer
+    (at small batches more memory than the low-rank activations themselves); this keeps the stored factors and casts
+    them again there. Gradients flow to `x` and `column_scales` only: the factors are frozen.
     """
 
     @staticmethod
@@ -257,17 +258,21 @@ class _FrozenLowRank(torch.autograd.Function):
     ) -> torch.Tensor:
         hidden = F.linear(x, A.to(x.dtype))
         ctx.save_for_backward(hidden, A, B, column_scales)
+        ctx.input_dtype = x.dtype
         return F.linear(hidden * column_scales, B.to(x.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None]:
         hidden, A, B, column_scales = ctx.saved_tensors
-        grad_scaled = grad_output @ B.to(grad_output.dtype)
+        # the products run in the forward's dtype, the scaling in the scales' dtype (they differ under autocast)
+        dtype, scale_dtype = hidden.dtype, column_scales.dtype
+        grad_scaled = grad_output.to(dtype) @ B.to(dtype)
         grad_x = grad_scales = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_scaled * column_scales) @ A.to(grad_output.dtype)
+            grad_x = ((grad_scaled * column_scales).to(dtype) @ A.to(dtype)).to(ctx.input_dtype)
         if ctx.needs_input_grad[3]:
-            grad_scales = (grad_scaled * hidden).reshape(-1, hidden.shape[-1]).sum(0)
+            products = grad_scaled.to(scale_dtype) * hidden.to(scale_dtype)
+            grad_scales = products.reshape(-1, hidden.shape[-1]).sum(0)
         return grad_x, None, None, grad_scales
 
 

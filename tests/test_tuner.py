@@ -9,6 +9,7 @@ import torch
 from conftest import CASE_BY_NAME, make_peft, output, put_old_direction, sdlora_layers, train_steps
 from peft import get_peft_model
 from torch import nn
+from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdlora_peft import SDLoraConfig, lowrank
@@ -474,6 +475,24 @@ def test_frozen_low_rank_product_gradients(leading):
     assert torch.autograd.gradcheck(_FrozenLowRank.apply, (x, A, B, column_scales))
     expected = ((x @ A.T) * column_scales) @ B.T
     assert torch.allclose(_FrozenLowRank.apply(x, A, B, column_scales), expected)
+
+
+@pytest.mark.parametrize("precision", ["autocast", "bfloat16 inputs"])
+def test_frozen_low_rank_product_matches_autograd_in_low_precision(precision):
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if precision == "bfloat16 inputs" else torch.float32
+    x = torch.randn(2, 3, 6, dtype=dtype, requires_grad=True)
+    A, B = torch.randn(5, 6), torch.randn(7, 5)  # stored in float32, as PEFT keeps adapters
+    column_scales = torch.randn(5, dtype=dtype, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+        fused = _FrozenLowRank.apply(x, A, B, column_scales)
+        plain = F.linear(F.linear(x, A.to(dtype)) * column_scales, B.to(dtype))
+    assert fused.dtype == torch.bfloat16 and torch.equal(fused, plain)
+    fused_grads = torch.autograd.grad(fused.float().square().sum(), (x, column_scales))
+    plain_grads = torch.autograd.grad(plain.float().square().sum(), (x, column_scales))
+    for fused_grad, plain_grad in zip(fused_grads, plain_grads):
+        assert fused_grad.dtype == dtype  # the inputs' dtype
+        torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-5, atol=1e-5)
 
 
 def test_no_half_precision_copy_of_the_frozen_factors_waits_for_backward():

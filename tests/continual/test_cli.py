@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import sys
 import datasets
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from peft import PeftConfig
 from torch import nn
 
@@ -53,6 +55,20 @@ def test_every_method_end_to_end(tmp_path):
     assert len(config.task_history) == 3 and config.modules_to_save == ["classifier"]
     card = (output / "adapters" / "sdlora" / "seed_0" / "README.md").read_text()
     assert "model-index" in card and "dataset" in card and f"{sdlora['final_accuracy']:.2f}" in card
+
+
+def test_bfloat16_mixed_precision_trains_past_the_first_task(tmp_path):
+    """Under Accelerate's autocast the frozen directions' products run in bfloat16, their gradients reach the float32
+    magnitudes."""
+    AcceleratorState._reset_state(reset_partial_state=True)  # one per process: earlier tests made theirs
+    try:
+        results = run_cli(tmp_path, "--num-tasks", "2", "--methods", "sdlora", "--mixed-precision", "bf16")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # later tests get their own, not this bf16 one
+    (run,) = results["methods"]["sdlora"]["runs"]
+    assert len(run["accuracy_matrix"]) == 2 and None not in run["accuracy_matrix"][1]
+    assert [len(m) for m in run["magnitudes"]] == [1, 2]
+    assert all(math.isfinite(value) and value != 0 for value in run["magnitudes"][1])
 
 
 def test_unknown_method_lists_the_known_ones(tmp_path):
