@@ -155,7 +155,7 @@ class SDLoraLayer(BaseTunerLayer):
         trainable factors in float32, and the current direction still runs there)."""
         column_scales = self._frozen_column_scales(adapter_name, magnitude).to(x.dtype)
         A, B = self.sdlora_frozen_A[adapter_name], self.sdlora_frozen_B[adapter_name]
-        return cast(torch.Tensor, _FrozenLowRank.apply(x, A, B, column_scales))
+        return cast(torch.Tensor, _FrozenLowRank.apply(x, A, B, column_scales)[0])
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's dense update of the base weight, in float32 and in the base weight's layout."""
@@ -245,34 +245,47 @@ class SDLoraLayer(BaseTunerLayer):
 
 class _FrozenLowRank(torch.autograd.Function):
     """`((x A^T) * column_scales) B^T` with frozen factors `A` (R x in) and `B` (out x R), in `x`'s dtype (or in
-    autocast's, under torch.autocast).
+    autocast's, under torch.autocast). Returns the result and the projection `x A^T`.
 
     Plain autograd would keep the copies of `A` and `B` cast to that dtype until the backward pass, in every layer
     (at small batches more memory than the low-rank activations themselves); this keeps the stored factors and casts
-    them again there. Gradients flow to `x` and `column_scales` only: the factors are frozen.
+    them again there. Gradients flow to `x` and `column_scales` only: the factors are frozen. The projection is an
+    output of its own so that double backward reaches `x` through it; torch.func derives its batching rule.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, column_scales: torch.Tensor
-    ) -> torch.Tensor:
+        x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, column_scales: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = F.linear(x, A.to(x.dtype))
-        ctx.save_for_backward(hidden, A, B, column_scales)
-        ctx.input_dtype = x.dtype
-        return F.linear(hidden * column_scales, B.to(x.dtype))
+        return F.linear(hidden * column_scales, B.to(x.dtype)), hidden
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None]:
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        x, A, B, column_scales = inputs
+        ctx.save_for_backward(output[1], A, B, column_scales)
+        ctx.input_dtype = x.dtype
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_output: torch.Tensor | None, grad_hidden: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None]:
         hidden, A, B, column_scales = ctx.saved_tensors
         # the products run in the forward's dtype, the scaling in the scales' dtype (they differ under autocast)
         dtype, scale_dtype = hidden.dtype, column_scales.dtype
-        grad_scaled = grad_output.to(dtype) @ B.to(dtype)
         grad_x = grad_scales = None
-        if ctx.needs_input_grad[0]:
-            grad_x = ((grad_scaled * column_scales).to(dtype) @ A.to(dtype)).to(ctx.input_dtype)
-        if ctx.needs_input_grad[3]:
-            products = grad_scaled.to(scale_dtype) * hidden.to(scale_dtype)
-            grad_scales = products.reshape(-1, hidden.shape[-1]).sum(0)
+        if grad_output is not None:
+            grad_scaled = grad_output.to(dtype) @ B.to(dtype)
+            if ctx.needs_input_grad[3]:
+                products = grad_scaled.to(scale_dtype) * hidden.to(scale_dtype)
+                grad_scales = products.reshape(-1, hidden.shape[-1]).sum(0)
+            through_scales = (grad_scaled * column_scales).to(dtype)
+            grad_hidden = through_scales if grad_hidden is None else grad_hidden.to(dtype) + through_scales
+        if ctx.needs_input_grad[0] and grad_hidden is not None:
+            grad_x = (grad_hidden @ A.to(dtype)).to(ctx.input_dtype)
         return grad_x, None, None, grad_scales
 
 

@@ -135,6 +135,12 @@ def output(model: nn.Module, inputs: dict | torch.Tensor) -> torch.Tensor:
         return _output(model, inputs)
 
 
+def low_rank_output(model: nn.Module, inputs: dict | torch.Tensor) -> torch.Tensor:
+    """`output` through the adapters' low-rank path: with autograd on, no layer uses its cached inference weight."""
+    with torch.enable_grad():
+        return _output(model, inputs).detach()
+
+
 def make_peft(case: Case, **cfg) -> tuple[nn.Module, nn.Module]:
     """(base model, SD-LoRA PeftModel on a copy of it)."""
     base = case.build()

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import CASE_BY_NAME, make_peft, output, put_old_direction, sdlora_layers, train_steps
+from conftest import CASE_BY_NAME, low_rank_output, make_peft, output, put_old_direction, sdlora_layers, train_steps
 from peft import get_peft_model
 from torch import nn
 from torch.nn import functional as F
@@ -124,7 +124,14 @@ def test_fused_forward_matches_dense_math(case, sharing):
     inputs = case.inputs()
     run_tasks(model, inputs, 3)
     train_steps(model, inputs)
-    assert torch.allclose(output(model, inputs), dense_reference(model, base, inputs), atol=1e-5)
+    assert_matches_dense_math(model, base, inputs)
+
+
+def assert_matches_dense_math(model, base: nn.Module, inputs) -> None:
+    """The fused low-rank path (training) and the cached weight (inference) both compute the per-task sum."""
+    expected = dense_reference(model, base, inputs)
+    assert torch.allclose(low_rank_output(model, inputs), expected, atol=1e-5)
+    assert torch.allclose(output(model, inputs), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("sharing", SHARINGS)
@@ -138,7 +145,7 @@ def test_fused_forward_matches_dense_math_after_an_absorbed_task(sharing):
     assert not run_tasks(model, inputs, 1)[0].absorbed
     train_steps(model, inputs)
     assert model.peft_config["default"].frozen_ranks == [3, 3]
-    assert torch.allclose(output(model, inputs), dense_reference(model, base, inputs), atol=1e-5)
+    assert_matches_dense_math(model, base, inputs)
 
 
 def test_rank_schedule_rr_follows_the_paper():
@@ -466,15 +473,35 @@ def test_task_magnitudes_name_each_kept_task(sharing):
     assert model.task_magnitudes("default") == model.task_magnitudes()
 
 
-@pytest.mark.parametrize("leading", [(), (4,), (2, 3)])
-def test_frozen_low_rank_product_gradients(leading):
+def frozen_low_rank(x, A, B, column_scales) -> torch.Tensor:
+    return _FrozenLowRank.apply(x, A, B, column_scales)[0]
+
+
+def frozen_low_rank_inputs(*leading: int) -> tuple[torch.Tensor, ...]:
+    """Float64 (x, A, B, column_scales) with gradients on x and the scales only, as in training."""
     torch.manual_seed(0)
     x = torch.randn(*leading, 6, dtype=torch.float64, requires_grad=True)
     A, B = torch.randn(5, 6, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
-    column_scales = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_FrozenLowRank.apply, (x, A, B, column_scales))
-    expected = ((x @ A.T) * column_scales) @ B.T
-    assert torch.allclose(_FrozenLowRank.apply(x, A, B, column_scales), expected)
+    return x, A, B, torch.randn(5, dtype=torch.float64, requires_grad=True)
+
+
+@pytest.mark.parametrize("leading", [(), (4,), (2, 3)])
+def test_frozen_low_rank_product_gradients(leading):
+    x, A, B, column_scales = inputs = frozen_low_rank_inputs(*leading)
+    assert torch.allclose(frozen_low_rank(*inputs), ((x @ A.T) * column_scales) @ B.T)
+    assert torch.autograd.gradcheck(_FrozenLowRank.apply, inputs)
+    assert torch.autograd.gradgradcheck(_FrozenLowRank.apply, inputs)  # e.g. a Hessian of the magnitudes
+
+
+def test_frozen_low_rank_product_under_torch_func():
+    x, A, B, column_scales = frozen_low_rank_inputs(4)
+
+    def loss(sample, scales):
+        return frozen_low_rank(sample, A, B, scales).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=1), in_dims=(0, None))(x.detach(), column_scales)
+    expected = torch.stack([torch.autograd.grad(loss(sample, column_scales), column_scales)[0] for sample in x])
+    torch.testing.assert_close(per_sample, expected)
 
 
 @pytest.mark.parametrize("precision", ["autocast", "bfloat16 inputs"])
@@ -485,7 +512,7 @@ def test_frozen_low_rank_product_matches_autograd_in_low_precision(precision):
     A, B = torch.randn(5, 6), torch.randn(7, 5)  # stored in float32, as PEFT keeps adapters
     column_scales = torch.randn(5, dtype=dtype, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
-        fused = _FrozenLowRank.apply(x, A, B, column_scales)
+        fused = frozen_low_rank(x, A, B, column_scales)
         plain = F.linear(F.linear(x, A.to(dtype)) * column_scales, B.to(dtype))
     assert fused.dtype == torch.bfloat16 and torch.equal(fused, plain)
     fused_grads = torch.autograd.grad(fused.float().square().sum(), (x, column_scales))

@@ -68,7 +68,8 @@ def test_bfloat16_mixed_precision_trains_past_the_first_task(tmp_path):
     (run,) = results["methods"]["sdlora"]["runs"]
     assert len(run["accuracy_matrix"]) == 2 and None not in run["accuracy_matrix"][1]
     assert [len(m) for m in run["magnitudes"]] == [1, 2]
-    assert all(math.isfinite(value) and value != 0 for value in run["magnitudes"][1])
+    assert all(math.isfinite(value) for value in run["magnitudes"][1])
+    assert run["magnitudes"][1][0] != run["magnitudes"][0][0], "task 2 trained task 1's magnitude"
 
 
 def test_unknown_method_lists_the_known_ones(tmp_path):
