@@ -536,3 +536,33 @@ def test_no_half_precision_copy_of_the_frozen_factors_waits_for_backward():
         model(**inputs).logits.float().sum().backward()
     saved_factors = {dtype for shape, dtype in saved if shape in factor_shapes}
     assert saved_factors == {torch.float32}, "only the stored float32 factors are kept, no bfloat16 copies"
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
+    _, model = make_peft(VIT_CASE, r=3)
+    inputs = VIT_CASE.inputs()
+    run_tasks(model, inputs, 2)
+    train_steps(model, inputs)
+    model.train()
+    forwards = []
+    sdlora_layers(model)[0].register_forward_hook(lambda *_: forwards.append(1))
+
+    def gradients() -> dict[str, torch.Tensor]:
+        forwards.clear()
+        model.zero_grad(set_to_none=True)
+        model(**inputs).logits.pow(2).mean().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    expected = gradients()
+    assert len(forwards) == 1
+    model.base_model.model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+    if (
+        use_reentrant
+    ):  # reentrant checkpoints pass gradients only to inputs that require them (the embeddings are frozen)
+        model.enable_input_require_grads()
+    actual = gradients()
+    assert len(forwards) == 2, "the checkpointed layer ran again in backward"
+    assert actual.keys() == expected.keys() and any("sdlora_magnitude" in name for name in actual)
+    for name, gradient in expected.items():
+        torch.testing.assert_close(actual[name], gradient, msg=name)
