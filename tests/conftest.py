@@ -141,6 +141,14 @@ def low_rank_output(model: nn.Module, inputs: dict | torch.Tensor) -> torch.Tens
         return _output(model, inputs).detach()
 
 
+def loss_and_grads(model: nn.Module, run: Callable, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of `run` (the model or its compiled form, which shares its parameters) and the gradients it leaves."""
+    model.zero_grad(set_to_none=True)
+    loss = run(**inputs).logits.pow(2).mean()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
 def make_peft(case: Case, **cfg) -> tuple[nn.Module, nn.Module]:
     """(base model, SD-LoRA PeftModel on a copy of it)."""
     base = case.build()

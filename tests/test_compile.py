@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CASE_BY_NAME, make_peft, output, sdlora_layers, train_steps
+from conftest import CASE_BY_NAME, loss_and_grads, make_peft, output, sdlora_layers, train_steps
 
 VIT_CASE = CASE_BY_NAME["vit"]
 BACKEND = "aot_eager"
@@ -31,14 +31,6 @@ def trained_vit(tasks: int = 2, magnitude_sharing: str = "global"):
         model.advance_task()
     train_steps(model, inputs)
     return model, inputs
-
-
-def loss_and_grads(model, run, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of `run` (the model or its compiled form, which shares its parameters) and the gradients it leaves."""
-    model.zero_grad(set_to_none=True)
-    loss = run(**inputs).logits.pow(2).mean()
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("sharing", ["global", "layer"])

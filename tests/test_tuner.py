@@ -6,7 +6,16 @@ import copy
 
 import pytest
 import torch
-from conftest import CASE_BY_NAME, low_rank_output, make_peft, output, put_old_direction, sdlora_layers, train_steps
+from conftest import (
+    CASE_BY_NAME,
+    loss_and_grads,
+    low_rank_output,
+    make_peft,
+    output,
+    put_old_direction,
+    sdlora_layers,
+    train_steps,
+)
 from peft import get_peft_model
 from torch import nn
 from torch.nn import functional as F
@@ -548,20 +557,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
     forwards = []
     sdlora_layers(model)[0].register_forward_hook(lambda *_: forwards.append(1))
 
-    def gradients() -> dict[str, torch.Tensor]:
-        forwards.clear()
-        model.zero_grad(set_to_none=True)
-        model(**inputs).logits.pow(2).mean().backward()
-        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-    expected = gradients()
+    _, expected = loss_and_grads(model, model, inputs)
     assert len(forwards) == 1
     model.base_model.model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
-    if (
-        use_reentrant
-    ):  # reentrant checkpoints pass gradients only to inputs that require them (the embeddings are frozen)
+    # reentrant checkpoints pass gradients only to inputs that require them (the embeddings are frozen)
+    if use_reentrant:
         model.enable_input_require_grads()
-    actual = gradients()
+    forwards.clear()
+    _, actual = loss_and_grads(model, model, inputs)
     assert len(forwards) == 2, "the checkpointed layer ran again in backward"
     assert actual.keys() == expected.keys() and any("sdlora_magnitude" in name for name in actual)
     for name, gradient in expected.items():
