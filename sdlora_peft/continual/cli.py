@@ -88,6 +88,22 @@ def _parser() -> argparse.ArgumentParser:
     add("--text-column", default=None)
     add("--label-column", default="label")
     add("--max-length", type=int, default=64, help="token budget of text samples")
+    add(
+        "--pooling",
+        default=None,
+        choices=zoo.POOLINGS,
+        help="how a text model's token states become its features "
+        "(default: as the model was trained: mean for sentence encoders such as minilm, the architecture's head "
+        "otherwise)",
+    )
+    add("--dropout", type=float, default=None, help="set every dropout of the backbone to this (default: its own)")
+    add(
+        "--prefix-cache",
+        default="auto",
+        choices=("auto", "off"),
+        help="compute the frozen blocks below the "
+        "adapters once per dataset where that is exact (auto), or every time (off)",
+    )
     add("--r", type=int, default=10, help="adapter rank (every method)")
     add("--layers", default=None, help="comma-separated block indices to adapt (default: all)")
     add("--target-modules", default=None, help="comma-separated module names (default: query/value projections)")
@@ -224,8 +240,12 @@ def run(args: argparse.Namespace) -> dict:
         train_sets = split_dataset(train_data, split, args.label_column, args.max_train_per_class, seed, "train")
         test_sets = split_dataset(test_data, split, args.label_column, args.max_test_per_class, seed, "test")
         set_seed(seed)
-        base, processor, info = zoo.load_model(args.model, len(classes), modality=modality)
-        settings = TrainSettings(args.epochs, args.batch_size, args.lr, args.head_lr, seed=seed)
+        base, processor, info = zoo.load_model(args.model, len(classes), modality=modality, pooling=args.pooling)
+        if args.dropout is not None:
+            zoo.set_dropout(base, args.dropout)
+        settings = TrainSettings(
+            args.epochs, args.batch_size, args.lr, args.head_lr, seed=seed, prefix_cache=args.prefix_cache == "auto"
+        )
         for name, method_name, head_name in entries:
             run_state = _run_state(output, name, seed)
             if args.resume and run_state.with_suffix(".json").is_file():

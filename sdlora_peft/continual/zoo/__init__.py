@@ -19,7 +19,7 @@ splits and a ``ClassLabel`` column named ``label``; images sit in an ``image`` c
 
 from .data import DATASET_NAMES, load_dataset
 from .files import CACHE_ENV, default_cache_dir
-from .models import MODEL_NAMES, POOLINGS, ModelInfo, PooledClassifier, load_model, tiny_model
+from .models import MODEL_NAMES, POOLINGS, ModelInfo, PooledClassifier, load_model, set_dropout, tiny_model
 
 __all__ = [
     "CACHE_ENV",
@@ -31,5 +31,6 @@ __all__ = [
     "default_cache_dir",
     "load_dataset",
     "load_model",
+    "set_dropout",
     "tiny_model",
 ]

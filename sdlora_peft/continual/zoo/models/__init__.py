@@ -53,6 +53,18 @@ def load_model(
     return with_pooling(model, pooling), processor, replace(info, pooling=pooling)
 
 
+def set_dropout(model: nn.Module, probability: float) -> None:
+    """Set every dropout of `model` to `probability`: its `nn.Dropout` modules and the attention dropout rates that
+    transformers' attention modules keep as floats (`attention_dropout`)."""
+    if not 0 <= probability < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {probability}")
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = probability
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.__dict__["attention_dropout"] = probability  # a plain float attribute, not a submodule
+
+
 # The loaders behind the short model names take the label keywords and the cache folder.
 _MODELS: dict[str, Callable[[dict, Path], tuple[PreTrainedModel, object, ModelInfo]]] = {
     "dinov2-small": load_dinov2_small,
@@ -65,4 +77,13 @@ MODEL_NAMES = tuple(_MODELS)
 DEFAULT_POOLING = {"minilm": "mean"}
 """How the zoo's sentence encoders were trained to be read, where that differs from their architecture's head."""
 
-__all__ = ["DEFAULT_POOLING", "MODEL_NAMES", "POOLINGS", "ModelInfo", "PooledClassifier", "load_model", "tiny_model"]
+__all__ = [
+    "DEFAULT_POOLING",
+    "MODEL_NAMES",
+    "POOLINGS",
+    "ModelInfo",
+    "PooledClassifier",
+    "load_model",
+    "set_dropout",
+    "tiny_model",
+]
