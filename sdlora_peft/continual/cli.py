@@ -27,10 +27,8 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from peft import PeftModel
 
-from ..card import write_model_card
-from ..config import SDLoraConfig
+from .. import SDLoraConfig, write_model_card
 from . import zoo
-from .baselines import METHOD_NAMES, AdapterOptions, make_method
 from .data import (
     ImageCollator,
     TaskSplit,
@@ -40,6 +38,7 @@ from .data import (
     split_dataset,
 )
 from .heads import HEAD_NAMES, make_head
+from .methods import METHOD_NAMES, AdapterOptions, make_method
 from .plots import write_plots
 from .report import atomic_write_dir, build_summary, console_table, write_json, write_results
 from .train import TrainSettings, run_sequence

@@ -17,8 +17,9 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import cast
 
@@ -32,9 +33,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .baselines import Method
 from .data import TaskSplit
 from .heads import Head, classifier_path, unwrap
+from .methods import Method, TaskData
 from .metrics import incremental_accuracies, summarize
 from .report import atomic_write_dir
 
@@ -82,8 +83,10 @@ def train_task(
     classes: list[int],
     settings: TrainSettings,
     description: str = "",
+    penalty: Callable[[], torch.Tensor | None] | None = None,
 ) -> nn.Module:
-    """Train `model` on one task with a fresh optimizer (the trainable set changes between tasks)."""
+    """Train `model` on one task with a fresh optimizer (the trainable set changes between tasks); `penalty` gives
+    a term to add to every step's loss (a method's regulariser)."""
     generator = torch.Generator().manual_seed(settings.seed)
     loader = DataLoader(
         dataset, batch_size=settings.batch_size, shuffle=True, collate_fn=collate, generator=generator, drop_last=False
@@ -99,6 +102,9 @@ def train_task(
             with accelerator.accumulate(model):
                 labels = batch.pop("labels")
                 loss = masked_cross_entropy(model(**batch).logits, labels, task_classes)
+                extra = penalty() if penalty is not None else None
+                if extra is not None:
+                    loss = loss + extra
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
@@ -137,6 +143,15 @@ def extract(
     return torch.cat(features), torch.cat(logits), torch.cat(labels)
 
 
+def task_batches(
+    accelerator: Accelerator, dataset: Dataset, collate: Collate, batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Model-ready batches of `dataset` (labels removed), this process's share of them, on its device."""
+    for batch in accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, collate_fn=collate)):
+        batch.pop("labels")
+        yield batch
+
+
 def _pooled(features: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Decoder classifiers (Llama's `score`) see every token's hidden state and pool their logits at the last real
     token afterwards: take the features there too (the last attended position, whichever side is padded)."""
@@ -164,6 +179,7 @@ class Progress:
     trainable_parameters: int
     tasks_done: int = 0
     task_aware: list[float] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)
     magnitudes: list[list[float | None] | None] = field(default_factory=list)
     train_seconds: float = 0.0
 
@@ -204,12 +220,18 @@ def run_sequence(
         classes = split.tasks[task]
         start = time.perf_counter()
         name = f"{method.name} task {task + 1}/{num_tasks}"
+        inputs = train_sets[task]
+        batches = partial(task_batches, accelerator, inputs, eval_collate, settings.eval_batch_size)
+        model = method.begin_task(model, TaskData(task, classes, batches))
         before = None
         if head.compensates_drift and method.trains and task > 0:
-            before, _, _ = extract(accelerator, model, train_sets[task], eval_collate, settings.eval_batch_size)
+            before, _, _ = extract(accelerator, model, inputs, eval_collate, settings.eval_batch_size)
         if method.trains:
-            model = train_task(accelerator, model, train_sets[task], collate, classes, settings, name)
-        features, _, labels = extract(accelerator, model, train_sets[task], eval_collate, settings.eval_batch_size)
+            penalty = partial(method.penalty, model)
+            model = train_task(accelerator, model, inputs, collate, classes, settings, name, penalty)
+        with method.observing(model):
+            features, logits, labels = extract(accelerator, model, inputs, eval_collate, settings.eval_batch_size)
+        progress.train_accuracy.append(_accuracy(logits, labels, classes))
         if before is not None:
             head.compensate_drift(before, features)
         head.end_task(model, features, labels, classes)
@@ -240,6 +262,7 @@ def run_sequence(
         "incremental_accuracies": incremental_accuracies(matrix, sizes),
         "task_sizes": sizes,
         "task_aware_final_accuracy": sum(a * n for a, n in zip(progress.task_aware, sizes)) / sum(sizes),
+        "train_accuracy": progress.train_accuracy,
         "train_seconds": progress.train_seconds,
         "trainable_parameters": progress.trainable_parameters,
         "stored_adapter_parameters": method.stored_parameters(model),
@@ -279,7 +302,7 @@ def save_checkpoint(
     """Save the run after `progress.tasks_done` tasks into `directory/task_<n>` (built aside, then renamed) and
     remove the older checkpoints: the model (`Method.save`), the head's class statistics, the progress and the random
     states of torch, numpy, python and the collators, as the next task will find them."""
-    statistics, order = _head_state(head)
+    statistics, order = head.state()
     tensors, states = _random_states(collators)
 
     def write(tmp: Path) -> None:
@@ -316,22 +339,9 @@ def load_checkpoint(
     if state["format"] != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} has checkpoint format {state['format']}; this version reads {CHECKPOINT_FORMAT}.")
     model = method.restore(model, path / "model")
-    _load_head_state(head, load_file(path / "head.safetensors"), state["head_order"])
+    head.load_state(load_file(path / "head.safetensors"), state["head_order"])
     _set_random_states(load_file(path / "random.safetensors"), state["random"], collators)
     return model, Progress(**state["progress"])
-
-
-def _head_state(head: Head) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
-    """A head's class statistics (its dicts of class id -> tensor: NCM means, aligned covariances) as flat tensors,
-    with the order in which the classes came: the aligned head samples them in that order."""
-    stores = {name: value for name, value in vars(head).items() if isinstance(value, dict)}
-    tensors = {f"{name}.{label}": t.contiguous() for name, store in stores.items() for label, t in store.items()}
-    return tensors, {name: list(store) for name, store in stores.items()}
-
-
-def _load_head_state(head: Head, tensors: dict[str, torch.Tensor], order: dict[str, list[int]]) -> None:
-    for name, labels in order.items():
-        setattr(head, name, {label: tensors[f"{name}.{label}"] for label in labels})
 
 
 def _generator(collate: Collate) -> np.random.Generator | None:
