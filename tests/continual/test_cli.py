@@ -74,13 +74,13 @@ def test_bfloat16_mixed_precision_trains_past_the_first_task(tmp_path):
 
 def test_unknown_method_lists_the_known_ones(tmp_path):
     with pytest.raises(ValueError, match="known methods: sdlora, sdlora-rr"):
-        run_cli(tmp_path, "--methods", "sdlora,ewc")
+        run_cli(tmp_path, "--methods", "sdlora,ewc", "--debug")
 
 
 def test_existing_results_are_not_overwritten(tmp_path):
     run_cli(tmp_path, "--num-tasks", "2", "--methods", "ncm")
-    with pytest.raises(SystemExit, match="--overwrite"):
-        run_cli(tmp_path, "--num-tasks", "2", "--methods", "ncm")
+    with pytest.raises(ValueError, match="--overwrite"):
+        run_cli(tmp_path, "--num-tasks", "2", "--methods", "ncm", "--debug")
     run_cli(tmp_path, "--num-tasks", "2", "--methods", "ncm", "--overwrite")
 
 

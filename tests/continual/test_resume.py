@@ -110,11 +110,11 @@ def test_killed_process_resumes_to_the_uninterrupted_results(reference, tmp_path
 
 def test_resume_keeps_the_saved_options(reference):
     assert cli.parse_args(["--resume", str(reference), "--epochs", "1"]).methods == ",".join(METHODS)
-    with pytest.raises(SystemExit, match="--epochs is 2 here but 1 in the saved run"):
+    with pytest.raises(ValueError, match="--epochs is 2 here but 1 in the saved run"):
         cli.parse_args(["--resume", str(reference), "--epochs", "2"])
-    with pytest.raises(SystemExit, match="--methods is 'sdlora' here"):
+    with pytest.raises(ValueError, match="--methods is 'sdlora' here"):
         cli.parse_args(["--resume", str(reference), "--methods", "sdlora"])
-    with pytest.raises(SystemExit, match="no run to resume"):
+    with pytest.raises(ValueError, match="no run to resume"):
         cli.parse_args(["--resume", str(reference / "elsewhere")])
 
 
@@ -122,5 +122,5 @@ def test_a_started_run_is_not_restarted_by_accident(tmp_path):
     output = tmp_path / "out"
     output.mkdir()
     (output / "config.json").write_text("{}")
-    with pytest.raises(SystemExit, match=f"--resume {output} to continue it, --overwrite"):
-        cli.main([*ARGS, "--methods", "ncm", "--output", str(output)])
+    with pytest.raises(ValueError, match=f"--resume {output} to continue it, --overwrite"):
+        cli.main([*ARGS, "--methods", "ncm", "--output", str(output), "--debug"])
