@@ -65,9 +65,5 @@ def advance_task_sharded(
 
 
 def _blocks(model: nn.Module) -> Iterable[nn.Module]:
-    """The innermost modules whose direct children include SD-LoRA layers, outermost-first order of the model."""
-    seen = set()
-    for module in model.modules():
-        if any(isinstance(child, SDLoraLayer) for child in module.children()) and id(module) not in seen:
-            seen.add(id(module))
-            yield module
+    """The modules whose direct children include SD-LoRA layers (e.g. attention blocks), in the model's order."""
+    return [module for module in model.modules() if any(isinstance(c, SDLoraLayer) for c in module.children())]
