@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from peft import PeftModel
 
 from .. import SDLoraConfig, write_model_card
+from ..config import FREEZE_SCALES
 from . import zoo
 from .data import (
     ImageCollator,
@@ -40,8 +42,9 @@ from .data import (
 from .heads import HEAD_NAMES, make_head
 from .methods import METHOD_NAMES, AdapterOptions, make_method
 from .plots import write_plots
+from .protocols import PROTOCOLS, apply_protocol, steps_preserving_batch
 from .report import atomic_write_dir, build_summary, console_table, write_json, write_results
-from .train import TrainSettings, run_sequence
+from .train import OPTIMIZERS, TrainSettings, run_sequence
 
 DEFAULT_HEAD = "aligned"  # the best SD-LoRA pipeline measured (benchmarks/accuracy/ACCURACY.md)
 RUN_STATE = ("config.json", "checkpoints")  # what OUTDIR holds of a started run, besides its results
@@ -49,14 +52,16 @@ NOT_CONFIG = ("output", "overwrite", "resume", "debug")  # options that say wher
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The options; with `--resume OUTDIR`, the options saved in OUTDIR, which any option given must agree with."""
+    """The options, with a `--protocol` preset under the options given; with `--resume OUTDIR`, the options saved in
+    OUTDIR, which any option given must agree with."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.resume is None:
-        return args
     defaults, unset = vars(parser.parse_args([])), object()
     parser.set_defaults(**dict.fromkeys(defaults, unset))  # parse again to tell the options given
     given = {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
+    if args.resume is None:
+        args.protocol_overrides = sorted(set(given) & set(PROTOCOLS.get(args.protocol, {})))
+        return apply_protocol(args, set(given))
     return _resumed(args.resume, given, defaults)
 
 
@@ -86,12 +91,18 @@ def _parser() -> argparse.ArgumentParser:
     add("--num-tasks", type=count, default=5)
     add("--methods", default="sdlora,lora-seq,ncm", help=f"comma-separated, from {list(METHOD_NAMES)}; "
         "append @HEAD to override the head for one entry, e.g. sdlora@linear")  # fmt: skip
+    add("--protocol", default=None, choices=tuple(PROTOCOLS), help="a preset of the training options: 'paper' is "
+        "the SD-LoRA paper's protocol as its reference code runs it (masked linear head, SGD momentum 0.9 at lr "
+        "1e-2, batch 128, 20 epochs, augmentation), 'paper-adam' the same with the paper's Adam at 8e-3; options "
+        "given win")  # fmt: skip
     add("--head", default=DEFAULT_HEAD, choices=HEAD_NAMES)
     add("--epochs", type=count, default=2)
     add("--batch-size", type=count, default=32)
     add("--lr", type=rate, default=1e-4, help="learning rate of the adapters (and of the backbone's peers)")
     add("--head-lr", type=rate, default=1e-3, help="learning rate of the classification layer (a slow learner "
         "backbone, 10x below the head, limits feature drift)")  # fmt: skip
+    add("--magnitude-lr", type=rate, default=None, help="learning rate of SD-LoRA's magnitudes (default: --lr)")
+    add("--optimizer", default="adamw", choices=OPTIMIZERS, help="adamw, or sgd with momentum 0.9")
     add("--seeds", default="0", help="comma-separated seeds; each fixes the class order and the initialisation")
     add("--output", default="runs/cil", help="output directory")
     again = parser.add_mutually_exclusive_group()
@@ -116,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--layers", default=None, help="comma-separated block indices to adapt (default: all)")
     add("--target-modules", default=None, help="comma-separated module names (default: query/value projections)")
     add("--magnitude-sharing", default="global", choices=("global", "layer"))
-    add("--freeze-scale", default="preserve", choices=("preserve", "unit"))
+    add("--freeze-scale", default="preserve", choices=FREEZE_SCALES)
     add("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     add("--gradient-accumulation-steps", type=count, default=1)
     add("--debug", action="store_true", help="show the traceback of an error")
@@ -246,9 +257,11 @@ def run(args: argparse.Namespace) -> dict:
         test_sets = split_dataset(test_data, split, args.label_column, args.max_test_per_class, seed, "test")
         splits[seed] = split, train_sets, test_sets
     set_seed(seeds[0])
-    loaded = zoo.load_model(
-        args.model, len(classes), modality=modality, pooling=args.pooling
-    )  # the first seed's: the model is checked
+    if args.protocol is not None and not args.resume and "batch_size" not in args.protocol_overrides:
+        full = min(Counter(train_data["label"]).values())
+        args.batch_size = steps_preserving_batch(args.batch_size, args.max_train_per_class, full)
+    # the first seed's model, loaded before anything is written: a model that cannot load is refused here
+    loaded = zoo.load_model(args.model, len(classes), modality=modality, pooling=args.pooling)
     _start_output(args, accelerator)
     options = AdapterOptions(
         r=args.r,
@@ -267,8 +280,9 @@ def run(args: argparse.Namespace) -> dict:
         if args.dropout is not None:
             zoo.set_dropout(base, args.dropout)
         settings = TrainSettings(
-            args.epochs, args.batch_size, args.lr, args.head_lr, seed=seed, prefix_cache=args.prefix_cache == "auto"
-        )
+            args.epochs, args.batch_size, args.lr, args.head_lr, args.magnitude_lr, args.optimizer, seed=seed,
+            prefix_cache=args.prefix_cache == "auto",
+        )  # fmt: skip
         for name, method_name, head_name in entries:
             run_state = _run_state(output, name, seed)
             if args.resume and run_state.with_suffix(".json").is_file():

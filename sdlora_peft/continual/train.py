@@ -36,13 +36,16 @@ Collate = Callable[[list[dict]], dict[str, torch.Tensor]]
 
 @dataclass
 class TrainSettings:
-    """How each task is trained. `head_lr` defaults to `lr`; a smaller `lr` than `head_lr` is the "slow learner"
-    (SLCA) that limits how far the backbone's features drift from one task to the next."""
+    """How each task is trained. `head_lr` and `magnitude_lr` (SD-LoRA's magnitudes) default to `lr`; a smaller `lr`
+    than `head_lr` is the "slow learner" (SLCA) that limits how far the backbone's features drift from one task to
+    the next. `optimizer`: "adamw", or "sgd" with momentum 0.9 (the SD-LoRA reference code's)."""
 
     epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-3
     head_lr: float | None = None
+    magnitude_lr: float | None = None
+    optimizer: str = "adamw"
     weight_decay: float = 0.0
     eval_batch_size: int = 64
     seed: int = 0
@@ -56,15 +59,28 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, classes: to
     return F.cross_entropy(masked.float(), labels)
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """One parameter group each for the classification layer, SD-LoRA's magnitudes and everything else trained."""
     head = classifier_path(unwrap(model))
-    groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}
+    rates = {
+        "head": settings.lr if settings.head_lr is None else settings.head_lr,
+        "magnitude": settings.lr if settings.magnitude_lr is None else settings.magnitude_lr,
+        "backbone": settings.lr,
+    }
+    groups: dict[str, list[nn.Parameter]] = {name: [] for name in rates}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            groups[f".{head}." in f".{name}"].append(parameter)
-    head_lr = settings.lr if settings.head_lr is None else settings.head_lr
-    param_groups = [{"params": groups[False], "lr": settings.lr}, {"params": groups[True], "lr": head_lr}]
-    return torch.optim.AdamW([g for g in param_groups if g["params"]], weight_decay=settings.weight_decay)
+            group = "head" if f".{head}." in f".{name}" else "magnitude" if "sdlora_magnitude" in name else "backbone"
+            groups[group].append(parameter)
+    param_groups = [{"params": groups[name], "lr": rate} for name, rate in rates.items() if groups[name]]
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, momentum=0.9, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, weight_decay=settings.weight_decay)
+    raise ValueError(f"Unknown optimizer {settings.optimizer!r}; choose one of {list(OPTIMIZERS)}.")
 
 
 def train_task(
