@@ -196,3 +196,12 @@ def test_paper_protocol_presets_the_options_and_keeps_steps_per_class(tmp_path):
     run = results["methods"]["sdlora"]["runs"][0]
     assert run["head"] == "linear" and len(run["train_accuracy"]) == 2
     assert all(0 <= accuracy <= 100 for accuracy in run["train_accuracy"])
+
+
+def test_first_session_adaptation_trains_the_adapter_on_the_first_task_only(tmp_path):
+    results = run_cli(tmp_path, "--num-tasks", "3", "--methods", "sdlora-fsa@lda,sdlora@lda", "--lr", "1e-2")
+    fsa, sdlora = (results["methods"][name]["runs"][0] for name in ("sdlora-fsa@lda", "sdlora@lda"))
+    assert fsa["prefix_cache"]["used"] and fsa["prefix_cache"]["frozen_blocks"] == 2  # all frozen after task 1
+    assert sdlora["prefix_cache"]["frozen_blocks"] == 0
+    assert fsa["magnitudes"] == [fsa["magnitudes"][0]] * 3  # nothing of the adapter moves after task 1
+    assert fsa["stored_adapter_parameters"] < sdlora["stored_adapter_parameters"]

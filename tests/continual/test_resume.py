@@ -17,7 +17,7 @@ from sdlora_peft.continual import checkpoint, cli, train
 
 # sdlora: SD-LoRA's task history and the aligned head's Gaussians; lora-merge: weights merged into the backbone and
 # class means; ablation-fixed: gradient hooks set again; linear: a plain classifier, cosine-wrapped
-METHODS = ["sdlora", "lora-merge@ncm", "ablation-fixed", "linear@cosine"]
+METHODS = ["sdlora", "lora-merge@ncm", "ablation-fixed", "linear@cosine", "sdlora-fsa@lda"]
 ARGS = ["--model", "tiny-dinov2", "--dataset", "digits", "--image-size", "16", "--epochs", "1", "--batch-size", "16",
         "--num-tasks", "3", "--max-train-per-class", "12", "--max-test-per-class", "6", "--augment"]  # fmt: skip
 
@@ -67,6 +67,7 @@ class Stop(Exception):
     [
         ("sdlora,lora-merge@ncm", "lora-merge@ncm", 2),  # the finished sdlora run is not run again
         ("ablation-fixed", "ablation-fixed", 1),
+        ("sdlora-fsa@lda", "sdlora-fsa@lda", 2),  # its adapter frozen again after the restore; LDA's sums back
         ("linear@cosine", "linear@cosine", 3),  # stopped after its last task: only the results are left to write
     ],
 )

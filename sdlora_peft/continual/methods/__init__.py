@@ -11,12 +11,13 @@ from collections.abc import Callable
 
 from .base import AdapterOptions, FrozenNCM, Method, PeftMethod, TaskData
 from .lora import MergedLoRA, SequentialLoRA
-from .sdlora import SDLoRA, SDLoRAAblation
+from .sdlora import FirstSessionSDLoRA, SDLoRA, SDLoRAAblation
 
 METHODS: dict[str, Callable[[AdapterOptions], Method]] = {
     "sdlora": SDLoRA,
     "sdlora-rr": lambda options: SDLoRA(options, "sdlora-rr", rank_schedule="rr"),
     "sdlora-kd": lambda options: SDLoRA(options, "sdlora-kd", kd_threshold=9e-4),
+    "sdlora-fsa": FirstSessionSDLoRA,
     "lora-seq": SequentialLoRA,
     "lora-merge": MergedLoRA,
     "ncm": FrozenNCM,
@@ -40,6 +41,7 @@ __all__ = [
     "METHODS",
     "METHOD_NAMES",
     "AdapterOptions",
+    "FirstSessionSDLoRA",
     "FrozenNCM",
     "Method",
     "MergedLoRA",
