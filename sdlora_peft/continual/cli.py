@@ -93,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--target-modules", default=None, help="comma-separated module names (default: query/value projections)")
     add("--magnitude-sharing", default="global", choices=("global", "layer"))
     add("--freeze-scale", default="preserve", choices=("preserve", "unit"))
+    add("--olora-lambdas", default="0.5,0", help="O-LoRA's lambda_1 (orthogonality to the earlier tasks' LoRAs), "
+        "lambda_2 (L2 of the current LoRA)")  # fmt: skip
+    add("--inflora-thresholds", default="0.95,1.0", help="InfLoRA's DualGPM energy threshold at the first task, "
+        "and the value it rises towards linearly over the tasks")  # fmt: skip
     add("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     add("--gradient-accumulation-steps", type=int, default=1)
     return parser
@@ -123,6 +127,14 @@ def _csv(value: str, cast: type = str) -> list:
 
 def _optional_csv(value: str | None, cast: type = str) -> list | None:
     return None if value is None else _csv(value, cast)
+
+
+def _pair(value: str, option: str) -> tuple[float, float]:
+    try:
+        first, second = (float(item) for item in value.split(","))
+    except ValueError:
+        raise SystemExit(f"{option} takes two comma-separated numbers, e.g. {option} 0.5,0; got {value!r}.") from None
+    return first, second
 
 
 def _method_entries(value: str, default_head: str) -> list[tuple[str, str, str]]:
@@ -216,6 +228,8 @@ def run(args: argparse.Namespace) -> dict:
         target_modules=_optional_csv(args.target_modules),
         layers_to_transform=_optional_csv(args.layers, int),
         sdlora={"magnitude_sharing": args.magnitude_sharing, "freeze_scale": args.freeze_scale},
+        olora_lambdas=_pair(args.olora_lambdas, "--olora-lambdas"),
+        inflora_thresholds=_pair(args.inflora_thresholds, "--inflora-thresholds"),
     )
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in entries}
     info = None

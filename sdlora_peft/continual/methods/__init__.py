@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .base import AdapterOptions, FrozenNCM, Method, PeftMethod, TaskData
+from .inflora import InfLoRA
 from .lora import MergedLoRA, SequentialLoRA
+from .olora import OLoRA
 from .sdlora import SDLoRA, SDLoRAAblation
 
 METHODS: dict[str, Callable[[AdapterOptions], Method]] = {
@@ -19,6 +21,8 @@ METHODS: dict[str, Callable[[AdapterOptions], Method]] = {
     "sdlora-kd": lambda options: SDLoRA(options, "sdlora-kd", kd_threshold=9e-4),
     "lora-seq": SequentialLoRA,
     "lora-merge": MergedLoRA,
+    "inflora": InfLoRA,
+    "olora": OLoRA,
     "ncm": FrozenNCM,
     "linear": Method,
     "joint": lambda options: SequentialLoRA(options, "joint"),
@@ -41,8 +45,10 @@ __all__ = [
     "METHOD_NAMES",
     "AdapterOptions",
     "FrozenNCM",
+    "InfLoRA",
     "Method",
     "MergedLoRA",
+    "OLoRA",
     "PeftMethod",
     "SDLoRA",
     "SDLoRAAblation",
