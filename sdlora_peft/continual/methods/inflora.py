@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.state import GradientState
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import distributed, nn
@@ -43,9 +44,11 @@ class InputMoments:
         return self.sums[owner] / self.counts[owner]
 
     def reduce_over_processes(self) -> None:
-        """Sum every process's share (the loop splits the samples across processes), so that all processes design
-        the same branch and keep the same memory."""
-        if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() == 1:
+        """Sum every process's share (the loop splits the samples across processes): the design and the memory are
+        then those of all the task's samples, the same on every process. (Without it the run would not fail: DDP
+        copies the first process's parameters to the others when it wraps the model; but that design would have
+        seen the first process's share only, and each process would keep a memory of its own.)"""
+        if _world_size() == 1:
             return
         owners = sorted(self.sums)
         for owner in owners:
@@ -59,11 +62,14 @@ class InputMoments:
 @contextlib.contextmanager
 def collecting_inputs(model: nn.Module) -> Iterator[InputMoments]:
     """Accumulate, in float32, the input moments of every LoRA layer of `model` over the forward passes run inside;
-    padding tokens (the attention mask of the model call) are left out. Reduced over processes on leaving."""
+    padding tokens (the attention mask of the model call) and the samples Accelerate repeats to even out the last
+    batch across processes are left out. Reduced over processes on leaving."""
     moments = InputMoments()
-    call: dict = {"mask": None, "seen": []}
+    call: dict = {"mask": None, "seen": [], "rows": None}
 
     def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        batch = next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
+        call["rows"] = None if batch is None else _real_rows(len(batch))
         call["mask"], call["seen"] = kwargs.get("attention_mask"), []
 
     def on_layer(name: str):
@@ -73,7 +79,8 @@ def collecting_inputs(model: nn.Module) -> Iterator[InputMoments]:
             moments.owner[name] = shared or name
             if shared is None:
                 call["seen"].append((weakref.ref(inputs), name))
-                moments.add(name, _tokens(inputs, call["mask"]))
+                rows, mask = call["rows"], call["mask"]
+                moments.add(name, _tokens(inputs[:rows], None if mask is None else mask[:rows]))
 
         return hook
 
@@ -85,6 +92,20 @@ def collecting_inputs(model: nn.Module) -> Iterator[InputMoments]:
         for handle in handles:
             handle.remove()
     moments.reduce_over_processes()
+
+
+def _world_size() -> int:
+    return distributed.get_world_size() if distributed.is_available() and distributed.is_initialized() else 1
+
+
+def _real_rows(rows: int) -> int:
+    """How many of this process's `rows` samples are real. On several processes Accelerate fills the last batch up
+    with samples from the start of the data, and `gather_for_metrics` keeps the first `remainder` rows of the batches
+    gathered in process order; the same rows are kept here."""
+    state = GradientState() if _world_size() > 1 else None
+    if state is None or not state.end_of_dataloader or state.remainder <= 0:
+        return rows
+    return max(0, min(rows, state.remainder - distributed.get_rank() * rows))
 
 
 def _tokens(inputs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
