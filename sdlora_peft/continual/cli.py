@@ -128,6 +128,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--target-modules", default=None, help="comma-separated module names (default: query/value projections)")
     add("--magnitude-sharing", default="global", choices=("global", "layer"))
     add("--freeze-scale", default="preserve", choices=FREEZE_SCALES)
+    add("--olora-lambdas", default="0.5,0", help="O-LoRA's lambda_1 (orthogonality to the earlier tasks' LoRAs), "
+        "lambda_2 (L2 of the current LoRA)")  # fmt: skip
+    add("--inflora-thresholds", default="0.95,1.0", help="InfLoRA's DualGPM energy threshold at the first task, "
+        "and the value it rises towards linearly over the tasks")  # fmt: skip
     add("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     add("--gradient-accumulation-steps", type=count, default=1)
     add("--debug", action="store_true", help="show the traceback of an error")
@@ -161,12 +165,20 @@ def _optional_csv(value: str | None, cast: type = str) -> list | None:
     return None if value is None else _csv(value, cast)
 
 
-def _method_entries(value: str, default_head: str) -> list[tuple[str, str, str]]:
+def _pair(value: str, option: str) -> tuple[float, float]:
+    try:
+        first, second = (float(item) for item in value.split(","))
+    except ValueError:
+        raise ValueError(f"{option} takes two comma-separated numbers, e.g. {option} 0.5,0; got {value!r}.") from None
+    return first, second
+
+
+def _method_entries(value: str, default_head: str, options: AdapterOptions) -> list[tuple[str, str, str]]:
     """(result name, method, head) for every entry of --methods; `ncm` always scores with class means."""
     entries = []
     for item in _csv(value):
         method, _, head = item.partition("@")
-        make_method(method, AdapterOptions())  # fail early on an unknown name
+        make_method(method, options)  # fail early: an unknown name, options the method refuses
         head = head or ("ncm" if method == "ncm" else default_head)
         entries.append((item, method, head))
     return entries
@@ -246,7 +258,15 @@ def run(args: argparse.Namespace) -> dict:
     train_data, test_data = data["train"], data["test"]
     modality, column = detect_input(train_data, args.image_column, args.text_column)
     classes = dataset_classes(train_data, args.label_column)
-    entries = _method_entries(args.methods, args.head)
+    options = AdapterOptions(
+        r=args.r,
+        target_modules=_optional_csv(args.target_modules),
+        layers_to_transform=_optional_csv(args.layers, int),
+        sdlora={"magnitude_sharing": args.magnitude_sharing, "freeze_scale": args.freeze_scale},
+        olora_lambdas=_pair(args.olora_lambdas, "--olora-lambdas"),
+        inflora_thresholds=_pair(args.inflora_thresholds, "--inflora-thresholds"),
+    )
+    entries = _method_entries(args.methods, args.head, options)
     seeds = _csv(args.seeds, int)
     if not seeds:
         raise ValueError("--seeds needs at least one seed, e.g. --seeds 0,1,2.")
@@ -263,12 +283,6 @@ def run(args: argparse.Namespace) -> dict:
     # the first seed's model, loaded before anything is written: a model that cannot load is refused here
     loaded = zoo.load_model(args.model, len(classes), modality=modality, pooling=args.pooling)
     _start_output(args, accelerator)
-    options = AdapterOptions(
-        r=args.r,
-        target_modules=_optional_csv(args.target_modules),
-        layers_to_transform=_optional_csv(args.layers, int),
-        sdlora={"magnitude_sharing": args.magnitude_sharing, "freeze_scale": args.freeze_scale},
-    )
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in entries}
     info = None
     for seed in seeds:

@@ -249,7 +249,7 @@ def run_sequence(
         name = f"{method.name} task {task + 1}/{num_tasks}"
         inputs = train_sets[task]
         batches = partial(task_batches, accelerator, inputs, eval_collate, settings.eval_batch_size)
-        model = method.begin_task(model, TaskData(task, classes, batches))
+        model = method.begin_task(model, TaskData(task, classes, batches, num_tasks))
         if cache is not None:
             cache.refresh(model)
         before = None
@@ -293,6 +293,7 @@ def run_sequence(
         "train_seconds": progress.train_seconds,
         "trainable_parameters": progress.trainable_parameters,
         "stored_adapter_parameters": method.stored_parameters(model),
+        "stored_parameters_by_kind": method.stored_by_kind(model),
         "magnitudes": magnitudes if any(m is not None for m in magnitudes) else None,
         "head_statistics": head.stored_statistics(),
         "prefix_cache": cache.describe() if cache is not None else {"used": False, "reason": "turned off"},

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .base import AdapterOptions, FrozenNCM, Method, PeftMethod, TaskData
+from .inflora import InfLoRA
 from .lora import MergedLoRA, SequentialLoRA
+from .olora import OLoRA
 from .sdlora import FirstSessionSDLoRA, SDLoRA, SDLoRAAblation
 
 METHODS: dict[str, Callable[[AdapterOptions], Method]] = {
@@ -20,6 +22,8 @@ METHODS: dict[str, Callable[[AdapterOptions], Method]] = {
     "sdlora-fsa": FirstSessionSDLoRA,
     "lora-seq": SequentialLoRA,
     "lora-merge": MergedLoRA,
+    "inflora": InfLoRA,
+    "olora": OLoRA,
     "ncm": FrozenNCM,
     "linear": Method,
     "joint": lambda options: SequentialLoRA(options, "joint"),
@@ -43,8 +47,10 @@ __all__ = [
     "AdapterOptions",
     "FirstSessionSDLoRA",
     "FrozenNCM",
+    "InfLoRA",
     "Method",
     "MergedLoRA",
+    "OLoRA",
     "PeftMethod",
     "SDLoRA",
     "SDLoRAAblation",
