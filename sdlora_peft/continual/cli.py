@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
         "1e-2, batch 128, 20 epochs, augmentation), 'paper-adam' the same with the paper's Adam at 8e-3; options "
         "given win")  # fmt: skip
     add("--head", default=DEFAULT_HEAD, choices=HEAD_NAMES)
+    add("--ranpac-dim", type=count, default=5000, help="random features of the ranpac head (RanPAC: 10,000)")
     add("--epochs", type=count, default=2)
     add("--batch-size", type=count, default=32)
     add("--lr", type=rate, default=1e-4, help="learning rate of the adapters (and of the backbone's peers)")
@@ -312,8 +313,9 @@ def run(args: argparse.Namespace) -> dict:
                 task_split = TaskSplit([split.seen_classes(split.num_tasks - 1)])
                 task_train = [datasets.concatenate_datasets(train_sets)]
                 task_test = [datasets.concatenate_datasets(test_sets)]
+            head = make_head(head_name, seed, args.ranpac_dim)
             model, record = run_sequence(
-                accelerator, copy.deepcopy(base), method, make_head(head_name, seed), task_split, task_train,
+                accelerator, copy.deepcopy(base), method, head, task_split, task_train,
                 task_test, collate, settings, eval_collate=eval_collate, checkpoints=run_state,
                 resume=bool(args.resume),
             )  # fmt: skip

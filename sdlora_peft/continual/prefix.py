@@ -14,6 +14,7 @@ padding positions are not kept (zeros replace them), which no attended token and
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -87,8 +88,7 @@ class PrefixCache:
 
     def __init__(self, model: nn.Module, augmented: bool = False) -> None:
         self._augmented = augmented
-        self._states: dict[str, list[torch.Tensor]] = {}
-        self._key: tuple | None = None
+        self._digest: str | None = None
         self.refresh(model)
 
     @property
@@ -111,20 +111,16 @@ class PrefixCache:
         """What results.json records of the cache."""
         return {"used": self.active, "frozen_blocks": self.depth, "blocks": len(self.blocks), "reason": self.reason}
 
-    def _prefix_key(self) -> tuple:
-        """Identifies the frozen blocks' weights as they are: the cache is rebuilt if any was replaced or changed."""
-        frozen = self.blocks[: self.depth]
-        return tuple((id(p), p.data_ptr(), p._version) for block in frozen for p in block.parameters())
-
     def refresh(self, model: nn.Module) -> None:
-        """Look at the model again (a method may have re-wrapped it between tasks); cached states stay valid as long
-        as the frozen blocks and their weights are the same."""
+        """Look at the model again (a method may have re-wrapped it between tasks); cached states are found again
+        as long as the frozen blocks hold the same weights (in this run or in another run of the process)."""
         self.blocks = transformer_blocks(model)
         self.depth = first_trainable(self.blocks)
         self.reason = self._why_inexact(model, self._augmented)
-        key = self._prefix_key() if self.active else None
-        if key != self._key:
-            self._states, self._key = {}, key
+        self._digest = _weights_digest(self.blocks[: self.depth]) if self.active else None
+
+    def _store_key(self, dataset: Dataset, collate: Collate) -> tuple:
+        return (self._digest, self.depth, dataset._fingerprint, _inputs_key(collate))
 
     @torch.no_grad()
     def prepare(
@@ -132,7 +128,8 @@ class PrefixCache:
     ) -> None:
         """Compute and keep the frozen part's output for every sample of `dataset` (on every process: each holds the
         whole cache), unless it is cached already."""
-        if not self.active or dataset._fingerprint in self._states:
+        key = self._store_key(dataset, collate)
+        if not self.active or key in _STORE:
             return
         states: list[torch.Tensor] = []
         last = self.blocks[self.depth - 1]
@@ -161,17 +158,19 @@ class PrefixCache:
         finally:
             hook.remove()
             model.train(training)
-        self._states[dataset._fingerprint] = states
+        _remember(key, states)
 
     @contextlib.contextmanager
-    def replaying(self, dataset: Dataset, batch: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    def replaying(
+        self, dataset: Dataset, collate: Collate, batch: dict[str, torch.Tensor]
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield `batch` without its `sample_index`, ready for the model; inside the context, the frozen blocks are
-        skipped and the last of them gives the cached states of those samples."""
+        skipped and the last of them gives the cached states of those samples (`prepare` computed them)."""
         indices = batch.pop(INDEX_KEY)
         if not self.active:
             yield batch
             return
-        states = self._states[dataset._fingerprint]
+        states = _STORE[self._store_key(dataset, collate)]
         cached = _assemble([states[i] for i in indices.tolist()], batch.get("attention_mask"), indices.device)
         replaced = dict.fromkeys(self.blocks[: self.depth - 1], _pass_through)
         replaced[self.blocks[self.depth - 1]] = lambda hidden_states, *args, **kwargs: cached.to(hidden_states.dtype)
@@ -188,6 +187,36 @@ class _Captured(Exception):
     def __init__(self, output: torch.Tensor) -> None:
         super().__init__()
         self.output = output
+
+
+_STORE: dict[tuple, list[torch.Tensor]] = {}
+"""Cached states of the process, by (frozen weights, depth, dataset, preprocessing): runs of several methods on
+the same data and backbone (a benchmark's) compute their shared frozen blocks once."""
+STORE_LIMIT = 2**29  # floats held at most (2 GiB); past it the store starts afresh
+
+
+def _remember(key: tuple, states: list[torch.Tensor]) -> None:
+    if sum(t.numel() for held in _STORE.values() for t in held) + sum(t.numel() for t in states) > STORE_LIMIT:
+        _STORE.clear()
+    _STORE[key] = states
+
+
+def _weights_digest(blocks: nn.ModuleList) -> str:
+    """A hash of the blocks' parameter values (not their identity: a copy of the same backbone matches)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for parameter in blocks.parameters():
+        data = parameter.detach().cpu().contiguous().reshape(-1)
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _inputs_key(collate: Collate) -> str:
+    """What makes a collator's batches what they are: its class and plain settings, and its tokenizer's name."""
+    settings = {k: v for k, v in vars(collate).items() if isinstance(v, (bool, int, float, str, tuple))}
+    if not settings.get("augment", False):
+        settings.pop("train", None)  # without augmentation, training and evaluation batches are the same
+    tokenizer = getattr(collate, "tokenizer", None)
+    return repr((type(collate).__name__, sorted(settings.items()), getattr(tokenizer, "name_or_path", None)))
 
 
 def _pass_through(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -115,7 +115,7 @@ def train_task(
         for batch in batches:
             with accelerator.accumulate(model):
                 labels = batch.pop("labels")
-                with _inputs(cache, dataset, batch) as inputs:
+                with _inputs(cache, dataset, collate, batch) as inputs:
                     logits = model(**inputs).logits
                 loss = masked_cross_entropy(logits, labels, task_classes)
                 extra = penalty() if penalty is not None else None
@@ -159,7 +159,7 @@ def extract(
     try:
         for batch in loader:
             batch_labels = batch.pop("labels")
-            with _inputs(cache, dataset, batch) as inputs:
+            with _inputs(cache, dataset, collate, batch) as inputs:
                 batch_logits = model(**inputs).logits
             batch_features = _pooled(captured.pop(), batch.get("attention_mask"))
             gathered = accelerator.gather_for_metrics((batch_features, batch_logits, batch_labels))
@@ -171,13 +171,15 @@ def extract(
 
 
 @contextlib.contextmanager
-def _inputs(cache: PrefixCache | None, dataset: Dataset, batch: dict) -> Iterator[dict[str, torch.Tensor]]:
+def _inputs(
+    cache: PrefixCache | None, dataset: Dataset, collate: Collate, batch: dict
+) -> Iterator[dict[str, torch.Tensor]]:
     """The model's inputs from a batch of `IndexedDataset` rows, replayed from the cache when there is one."""
     if cache is None:
         batch.pop(INDEX_KEY)
         yield batch
         return
-    with cache.replaying(dataset, batch) as inputs:
+    with cache.replaying(dataset, collate, batch) as inputs:
         yield inputs
 
 

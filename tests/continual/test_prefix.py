@@ -114,3 +114,14 @@ def test_a_cached_run_equals_the_uncached_run_on_images():
     assert cached["accuracy_matrix"] == plain["accuracy_matrix"]
     for (name, tensor), (_, reference) in zip(cached_model.state_dict().items(), plain_model.state_dict().items()):
         assert torch.equal(tensor, reference), name  # fixed-size inputs: bit for bit
+
+
+def test_runs_on_copies_of_one_backbone_share_the_cached_states():
+    split, train_sets, collate = text_tasks()
+    model = tiny_bert(0.0)
+    calls = []
+    model.bert.encoder.layer[0].attention.register_forward_hook(lambda *args: calls.append(1))  # not when skipped
+    run(model, "sdlora", "linear", split, train_sets, train_sets, collate, True, [2])
+    first = len(calls)
+    run(model, "lora-seq", "ncm", split, train_sets, train_sets, collate, True, [2])  # same frozen blocks 0-1
+    assert first > 0 and len(calls) == first  # the second run never ran block 0

@@ -22,6 +22,7 @@ Heads store class statistics only (means, covariances, sums; never a sample): th
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .aligned import AlignedHead
 from .base import Head
@@ -38,30 +39,41 @@ from .lda import LDAHead
 from .prototypes import ClassMeanHead
 from .ranpac import RanPACHead
 
-HEADS: dict[str, Callable[[int], Head]] = {
-    "linear": lambda seed: Head(),
-    "cosine": lambda seed: CosineHead(),
-    "ncm": lambda seed: ClassMeanHead(),
-    "aligned": lambda seed: AlignedHead(seed=seed),
-    "lda": lambda seed: LDAHead(),
-    "ranpac": lambda seed: RanPACHead(seed=seed),
-    "ncm-sdc": lambda seed: ClassMeanHead(compensates_drift=True),
-    "aligned-sdc": lambda seed: AlignedHead(seed=seed, compensates_drift=True),
-    "lda-sdc": lambda seed: LDAHead(compensates_drift=True),
+
+@dataclass
+class HeadOptions:
+    """Settings of the heads that have any: the seed of what they draw, RanPAC's projection size."""
+
+    seed: int = 0
+    projection_dim: int = 5000
+
+
+HEADS: dict[str, Callable[[HeadOptions], Head]] = {
+    "linear": lambda options: Head(),
+    "cosine": lambda options: CosineHead(),
+    "ncm": lambda options: ClassMeanHead(),
+    "aligned": lambda options: AlignedHead(seed=options.seed),
+    "lda": lambda options: LDAHead(),
+    "ranpac": lambda options: RanPACHead(options.projection_dim, seed=options.seed),
+    "ncm-sdc": lambda options: ClassMeanHead(compensates_drift=True),
+    "aligned-sdc": lambda options: AlignedHead(seed=options.seed, compensates_drift=True),
+    "lda-sdc": lambda options: LDAHead(compensates_drift=True),
 }
 HEAD_NAMES = tuple(HEADS)
 
 
-def make_head(name: str, seed: int = 0) -> Head:
-    """The head named `name` (one of HEAD_NAMES); `seed` fixes what it draws (aligned samples, RanPAC's projection)."""
+def make_head(name: str, seed: int = 0, projection_dim: int = 5000) -> Head:
+    """The head named `name` (one of HEAD_NAMES); `seed` fixes what it draws (aligned samples, RanPAC's projection),
+    `projection_dim` is RanPAC's number of random features."""
     if name not in HEADS:
         raise ValueError(f"Unknown head {name!r}; choose one of {list(HEAD_NAMES)}.")
-    return HEADS[name](seed)
+    return HEADS[name](HeadOptions(seed, projection_dim))
 
 
 __all__ = [
     "CLASSIFIER_NAMES",
     "HEADS",
+    "HeadOptions",
     "HEAD_NAMES",
     "AlignedHead",
     "ClassMeanHead",
