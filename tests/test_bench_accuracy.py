@@ -1,4 +1,4 @@
-"""The accuracy benchmark merges its per-method, per-seed runs into one table with the headroom line."""
+"""The accuracy benchmark merges its per-seed runs and reports each method at its best and default setting."""
 
 from __future__ import annotations
 
@@ -12,30 +12,38 @@ from sdlora_peft.continual.report import build_summary
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _write_run(folder: Path, method: str, seed: int, final: float) -> None:
-    matrix = [[90.0, None], [final + 10.0, final - 10.0]]
-    run = {"seed": seed, "accuracy_matrix": matrix, **summarize(matrix, [10, 10])}
-    config = {"model": "m", "dataset": "d", "num_tasks": 2, "head": "aligned", "lr": 1e-4, "head_lr": 1e-3,
-              "seeds": seed, "methods": method}  # fmt: skip
+def _write_run(folder: Path, seed: int, finals: dict[str, float]) -> None:
+    """One seed's results.json with a two-task run per entry, ending at the given final accuracy."""
+    methods = {}
+    for entry, final in finals.items():
+        matrix = [[90.0, None], [final + 10.0, final - 10.0]]
+        methods[entry] = build_summary([{"seed": seed, "accuracy_matrix": matrix, **summarize(matrix, [10, 10])}])
+    config = {"model": "m", "dataset": "d", "num_tasks": 2, "seeds": seed, "methods": ",".join(finals)}
     folder.mkdir(parents=True)
-    results = {"config": config, "methods": {method: build_summary([run])}}
-    (folder / "results.json").write_text(json.dumps(results))
+    (folder / "results.json").write_text(json.dumps({"config": config, "methods": methods}))
 
 
-def test_runs_merge_per_method_and_report_headroom(tmp_path, monkeypatch):
+def test_runs_merge_and_each_method_is_reported_at_its_best_setting(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     bench = importlib.import_module("bench_accuracy")
-    finals = {"sdlora": (70.0, 74.0), "joint": (90.0, 90.0), "linear": (80.0, 84.0), "ncm": (50.0, 50.0)}
-    for method, per_seed in finals.items():
-        for seed, final in enumerate(per_seed):
-            _write_run(bench.run_dir(tmp_path, "suite", "slow", seed, method), method, seed, final)
+    head = bench.HEADS[0]
+    per_setting = {
+        "slow": {f"sdlora@{head}": (70.0, 74.0), f"joint@{head}": (90.0, 90.0)},
+        "fast": {f"sdlora@{head}": (80.0, 82.0), f"joint@{head}": (88.0, 88.0)},
+        "frozen": {"ncm@lda": (84.0, 84.0), "ncm@ncm": (50.0, 50.0)},
+    }
+    for setting, finals in per_setting.items():
+        for seed in (0, 1):
+            _write_run(bench.run_dir(tmp_path, "suite", setting, seed), seed, {e: v[seed] for e, v in finals.items()})
 
     bench.main(["--merge-only", "--output", str(tmp_path)])
 
-    merged = json.loads((tmp_path / "suite" / "slow" / "results.json").read_text())
-    assert list(merged["methods"]) == ["sdlora", "joint", "ncm", "linear"]  # the benchmark's order
-    assert [run["seed"] for run in merged["methods"]["sdlora"]["runs"]] == [0, 1]
-    assert merged["methods"]["sdlora"]["final_accuracy"]["mean"] == 72.0
+    merged = json.loads((tmp_path / "suite" / "fast" / "results.json").read_text())
+    assert [run["seed"] for run in merged["methods"][f"sdlora@{head}"]["runs"]] == [0, 1]
+    assert merged["methods"][f"sdlora@{head}"]["final_accuracy"]["mean"] == 81.0
     summary = (tmp_path / "ACCURACY.md").read_text()
-    assert "Headroom (joint - frozen backbone with aligned head): +8.00 points" in summary
-    assert "`sdlora` 72.00 vs best frozen method `linear` 82.00 (-10.00)" in summary
+    assert "| sdlora | 81.00 ± 1.41 / -1.0 (fast) |" in summary  # best setting: fast
+    assert "| 72.00 ± 2.83 / 8.0 |" in summary  # and at the default (slow)
+    assert "| lora-seq |" not in summary  # not run
+    assert "Headroom (best joint - best frozen `ncm@lda` 84.00): +6.00." in summary
+    assert f"Best SD-LoRA pipeline `sdlora@{head}` (fast) 81.00: -3.00 against it." in summary
