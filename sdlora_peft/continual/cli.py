@@ -14,21 +14,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import datasets
-import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
-from peft import PeftModel
+from accelerate.utils import set_seed
 
-from .. import SDLoraConfig, write_model_card
-from . import zoo
+from . import runs, zoo
 from .data import (
     ImageCollator,
     TaskSplit,
@@ -40,24 +33,16 @@ from .data import (
 from .heads import HEAD_NAMES, make_head
 from .methods import METHOD_NAMES, AdapterOptions, make_method
 from .plots import write_plots
-from .report import atomic_write_dir, build_summary, console_table, write_json, write_results
+from .report import build_summary, console_table, write_results
+from .runs import csv_list, optional_csv
 from .train import TrainSettings, run_sequence
 
 DEFAULT_HEAD = "aligned"  # the best SD-LoRA pipeline measured (benchmarks/accuracy/ACCURACY.md)
-RUN_STATE = ("config.json", "checkpoints")  # what OUTDIR holds of a started run, besides its results
-NOT_CONFIG = ("output", "overwrite", "resume")  # options that say where to write, not what to run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options; with `--resume OUTDIR`, the options saved in OUTDIR, which any option given must agree with."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.resume is None:
-        return args
-    defaults, unset = vars(parser.parse_args([])), object()
-    parser.set_defaults(**dict.fromkeys(defaults, unset))  # parse again to tell the options given
-    given = {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
-    return _resumed(args.resume, given, defaults)
+    return runs.parse_args(_parser(), argv)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,11 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--head-lr", type=float, default=1e-3, help="learning rate of the classification layer (a slow learner "
         "backbone, 10x below the head, limits feature drift)")  # fmt: skip
     add("--seeds", default="0", help="comma-separated seeds; each fixes the class order and the initialisation")
-    add("--output", default="runs/cil", help="output directory")
-    again = parser.add_mutually_exclusive_group()
-    again.add_argument("--overwrite", action="store_true", help="start afresh in an OUTDIR that holds a run")
-    again.add_argument("--resume", metavar="OUTDIR", default=None, help="continue the run saved in OUTDIR from "
-                       "its last finished task, with its options")  # fmt: skip
+    runs.add_output_options(parser, "runs/cil")
     add("--max-train-per-class", type=int, default=None)
     add("--max-test-per-class", type=int, default=None)
     add("--image-size", type=int, default=56)
@@ -98,37 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resumed(output: str, given: dict, defaults: dict) -> argparse.Namespace:
-    """The options saved in `output` (defaults for any added since); refuse if an option given on the command line
-    says otherwise."""
-    saved_path = Path(output) / "config.json"
-    if not saved_path.is_file():
-        raise SystemExit(f"--resume {output}: there is no run to resume there (no config.json).")
-    saved = {**_config(argparse.Namespace(**defaults)), **json.loads(saved_path.read_text())}
-    if given.get("output", output) != output:
-        raise SystemExit(f"--resume {output} writes into {output}; leave out --output {given['output']}.")
-    for name, value in given.items():
-        if name not in NOT_CONFIG and value != saved[name]:
-            option = "--" + name.replace("_", "-")
-            raise SystemExit(
-                f"--resume {output}: {option} is {value!r} here but {saved[name]!r} in the saved run. Leave it out "
-                "to resume with the saved options, or start a new run in another --output."
-            )
-    return argparse.Namespace(**saved, output=output, overwrite=False, resume=output)
-
-
-def _csv(value: str, cast: type = str) -> list:
-    return [cast(item) for item in value.split(",") if item]
-
-
-def _optional_csv(value: str | None, cast: type = str) -> list | None:
-    return None if value is None else _csv(value, cast)
-
-
 def _method_entries(value: str, default_head: str) -> list[tuple[str, str, str]]:
     """(result name, method, head) for every entry of --methods; `ncm` always scores with class means."""
     entries = []
-    for item in _csv(value):
+    for item in csv_list(value):
         method, _, head = item.partition("@")
         make_method(method, AdapterOptions())  # fail early on an unknown name
         head = head or ("ncm" if method == "ncm" else default_head)
@@ -142,70 +96,11 @@ def _collate(args: argparse.Namespace, modality: str, column: str, processor: An
     return TextCollator(processor, column, args.label_column, args.max_length)
 
 
-def _start_output(args: argparse.Namespace, accelerator: Accelerator) -> None:
-    """Refuse to write over an earlier run without --overwrite; with it, forget that run's checkpoints and results,
-    so that OUTDIR never mixes two runs. A new run saves its options, which --resume reads back."""
-    output = Path(args.output)
-    if args.resume:
-        return
-    started = [name for name in ("results.json", *RUN_STATE) if (output / name).exists()]
-    if started and not args.overwrite:
-        raise SystemExit(
-            f"{output} already holds a run ({started[0]}); pass --resume {output} to continue it, --overwrite to "
-            "start afresh, or choose another --output."
-        )
-    accelerator.wait_for_everyone()  # every process has looked before the main one writes
-    if accelerator.is_main_process:
-        shutil.rmtree(output / "checkpoints", ignore_errors=True)
-        (output / "results.json").unlink(missing_ok=True)
-        write_json(output / "config.json", _config(args))
-
-
-def _config(args: argparse.Namespace) -> dict:
-    return {name: value for name, value in vars(args).items() if name not in NOT_CONFIG}
-
-
-def _run_state(output: Path, name: str, seed: int) -> Path:
-    """The checkpoints of one (method, seed) run; beside them, `<that>.json` holds its record once it is finished."""
-    return output / "checkpoints" / name / f"seed_{seed}"
-
-
-def _save_adapter(folder: Path, model: PeftModel, record: dict, dataset: str) -> None:
-    """The adapter; an SD-LoRA adapter's model card also gets the run's results."""
-    model.save_pretrained(str(folder))
-    if isinstance(model.peft_config["default"], SDLoraConfig):
-        write_model_card(folder, model, results=record, dataset=dataset)
-
-
-def _finish(output: Path, name: str, seed: int, model: object, record: dict, dataset: str) -> None:
-    """Save a finished (method, seed) run: its adapter, then its record, which tells --resume the run is done,
-    then forget its checkpoints."""
-    run_state = _run_state(output, name, seed)
-    if isinstance(model, PeftModel):
-        atomic_write_dir(
-            output / "adapters" / name / f"seed_{seed}", lambda tmp: _save_adapter(tmp, model, record, dataset)
-        )
-    write_json(run_state.with_suffix(".json"), record)
-    shutil.rmtree(run_state, ignore_errors=True)
-
-
-def _several_cpu_processes() -> bool:
-    """Whether torchrun / accelerate launch started several processes on a machine without CUDA. Accelerate needs
-    to be told (its `cpu` flag) to join them with gloo; otherwise each process would run the whole benchmark alone."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
 def run(args: argparse.Namespace) -> dict:
     """Run every method on every seed; write and return the results."""
     output = Path(args.output)
-    # split_batches: --batch-size is the global batch, so N processes take the steps one process would
-    accelerator = Accelerator(
-        cpu=_several_cpu_processes(),
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-    )
-    _start_output(args, accelerator)
+    accelerator = runs.make_accelerator(args.mixed_precision, args.gradient_accumulation_steps)
+    runs.start_output(args, accelerator)
     data = zoo.load_dataset(args.dataset)
     train_data, test_data = data["train"], data["test"]
     modality, column = detect_input(train_data, args.image_column, args.text_column)
@@ -213,13 +108,13 @@ def run(args: argparse.Namespace) -> dict:
     entries = _method_entries(args.methods, args.head)
     options = AdapterOptions(
         r=args.r,
-        target_modules=_optional_csv(args.target_modules),
-        layers_to_transform=_optional_csv(args.layers, int),
+        target_modules=optional_csv(args.target_modules),
+        layers_to_transform=optional_csv(args.layers, int),
         sdlora={"magnitude_sharing": args.magnitude_sharing, "freeze_scale": args.freeze_scale},
     )
-    runs: dict[str, list[dict]] = {name: [] for name, _, _ in entries}
+    by_method: dict[str, list[dict]] = {name: [] for name, _, _ in entries}
     info = None
-    for seed in _csv(args.seeds, int):
+    for seed in csv_list(args.seeds, int):
         split = TaskSplit.from_classes(classes, args.num_tasks, seed)
         train_sets = split_dataset(train_data, split, args.label_column, args.max_train_per_class, seed, "train")
         test_sets = split_dataset(test_data, split, args.label_column, args.max_test_per_class, seed, "test")
@@ -227,9 +122,9 @@ def run(args: argparse.Namespace) -> dict:
         base, processor, info = zoo.load_model(args.model, len(classes), modality=modality)
         settings = TrainSettings(args.epochs, args.batch_size, args.lr, args.head_lr, seed=seed)
         for name, method_name, head_name in entries:
-            run_state = _run_state(output, name, seed)
-            if args.resume and run_state.with_suffix(".json").is_file():
-                runs[name].append(json.loads(run_state.with_suffix(".json").read_text()))
+            done = runs.finished_record(args, name, seed)
+            if done is not None:
+                by_method[name].append(done)
                 continue
             set_seed(seed)
             # collators of its own: a run's augmentations do not depend on which runs came before it
@@ -241,19 +136,20 @@ def run(args: argparse.Namespace) -> dict:
                 task_split = TaskSplit([split.seen_classes(split.num_tasks - 1)])
                 task_train = [datasets.concatenate_datasets(train_sets)]
                 task_test = [datasets.concatenate_datasets(test_sets)]
+            checkpoints = runs.run_state(output, name, seed)
             model, record = run_sequence(
                 accelerator, copy.deepcopy(base), method, make_head(head_name, seed), task_split, task_train,
-                task_test, collate, settings, eval_collate=eval_collate, checkpoints=run_state,
+                task_test, collate, settings, eval_collate=eval_collate, checkpoints=checkpoints,
                 resume=bool(args.resume),
             )  # fmt: skip
             record = {"seed": seed, "head": head_name, **record}
-            runs[name].append(record)
+            by_method[name].append(record)
             accelerator.wait_for_everyone()  # every process has read its checkpoint before they are removed
             if accelerator.is_main_process:
-                _finish(output, name, seed, model, record, Path(args.dataset).name)
+                runs.finish(output, name, seed, model, record, Path(args.dataset).name)
     results = {
         "config": {**vars(args), "model_info": info.__dict__ if info else None, "rehearsal_free": True},
-        "methods": {name: build_summary(method_runs) for name, method_runs in runs.items()},
+        "methods": {name: build_summary(method_runs) for name, method_runs in by_method.items()},
     }
     if accelerator.is_main_process:
         write_results(results, output)

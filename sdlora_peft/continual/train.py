@@ -5,42 +5,34 @@
 processes (`accelerate launch` / `torchrun`, gloo on CPU) and on GPUs; after every task it checks that all
 processes hold the same model.
 
-With a checkpoint directory, everything needed to go on is saved after every task (safetensors and JSON, written
-atomically): the model through `Method.save`, the head's class statistics, what was measured so far and every random
-state. A run resumed from there ends with exactly the results of a run that was never stopped.
+With a checkpoint directory, everything needed to go on is saved after every task (`checkpoints`): a run resumed
+from there ends with exactly the results of a run that was never stopped. `train_task` is also the causal-LM loop's
+(`lm.loop`): it takes the loss as a function.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import random
-import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import cast
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from datasets import Dataset
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .checkpoints import Collate, check_ranks_agree, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TaskSplit
-from .heads import Head, classifier_path, unwrap
+from .heads import CLASSIFIER_NAMES, Head, classifier_path, unwrap
 from .methods import Method, TaskData
 from .metrics import incremental_accuracies, summarize
-from .report import atomic_write_dir
 
-Collate = Callable[[list[dict]], dict[str, torch.Tensor]]
-CHECKPOINT_FORMAT = 1
+Loss = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
 @dataclass
@@ -64,12 +56,20 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, classes: to
     return F.cross_entropy(masked.float(), labels)
 
 
+def class_loss(classes: torch.Tensor, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The class-incremental training loss: cross-entropy over the current task's `classes`."""
+    labels = batch.pop("labels")
+    return masked_cross_entropy(model(**batch).logits, labels, classes)
+
+
 def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    head = classifier_path(unwrap(model))
+    """AdamW with the classification layer (if the model has one) at `head_lr`, everything else at `lr`."""
+    has_head = any(name in CLASSIFIER_NAMES for name, _ in unwrap(model).named_modules())
+    head = classifier_path(unwrap(model)) if has_head else None
     groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            groups[f".{head}." in f".{name}"].append(parameter)
+            groups[head is not None and f".{head}." in f".{name}"].append(parameter)
     head_lr = settings.lr if settings.head_lr is None else settings.head_lr
     param_groups = [{"params": groups[False], "lr": settings.lr}, {"params": groups[True], "lr": head_lr}]
     return torch.optim.AdamW([g for g in param_groups if g["params"]], weight_decay=settings.weight_decay)
@@ -80,13 +80,15 @@ def train_task(
     model: nn.Module,
     dataset: Dataset,
     collate: Collate,
-    classes: list[int],
+    loss_fn: Loss,
     settings: TrainSettings,
     description: str = "",
     penalty: Callable[[], torch.Tensor | None] | None = None,
+    losses: list[float] | None = None,
 ) -> nn.Module:
-    """Train `model` on one task with a fresh optimizer (the trainable set changes between tasks); `penalty` gives
-    a term to add to every step's loss (a method's regulariser)."""
+    """Train `model` on one task with a fresh optimizer (the trainable set changes between tasks). `loss_fn(model,
+    batch)` is the task's loss; `penalty` gives a term to add to every step's loss (a method's regulariser); every
+    step's loss is appended to `losses` if given."""
     generator = torch.Generator().manual_seed(settings.seed)
     loader = DataLoader(
         dataset, batch_size=settings.batch_size, shuffle=True, collate_fn=collate, generator=generator, drop_last=False
@@ -94,14 +96,12 @@ def train_task(
     model.zero_grad(set_to_none=True)  # no gradient left from before (the aligned head's alignment leaves some)
     optimizer = _optimizer(model, settings)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    task_classes = torch.tensor(classes, device=accelerator.device)
     model.train()
     for epoch in range(settings.epochs):
         batches = tqdm(loader, desc=f"{description} epoch {epoch + 1}", disable=not accelerator.is_local_main_process)
         for batch in batches:
             with accelerator.accumulate(model):
-                labels = batch.pop("labels")
-                loss = masked_cross_entropy(model(**batch).logits, labels, task_classes)
+                loss = loss_fn(model, batch)
                 extra = penalty() if penalty is not None else None
                 if extra is not None:
                     loss = loss + extra
@@ -109,6 +109,8 @@ def train_task(
                 optimizer.step()
                 optimizer.zero_grad()
             batches.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if losses is not None:
+                losses.append(loss.item())
     model = accelerator.unwrap_model(model)
     accelerator.free_memory()
     return model.eval()
@@ -214,7 +216,7 @@ def run_sequence(
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         progress = Progress([[None] * num_tasks for _ in range(num_tasks)], trainable)
     else:
-        model, progress = load_checkpoint(latest, model, method, head, collators)
+        model, progress = load_checkpoint(latest, model, method, Progress, collators, head)
     matrix = progress.accuracy_matrix
     for task in range(progress.tasks_done, num_tasks):
         classes = split.tasks[task]
@@ -228,7 +230,8 @@ def run_sequence(
             before, _, _ = extract(accelerator, model, inputs, eval_collate, settings.eval_batch_size)
         if method.trains:
             penalty = partial(method.penalty, model)
-            model = train_task(accelerator, model, inputs, collate, classes, settings, name, penalty)
+            loss_fn = partial(class_loss, torch.tensor(classes, device=accelerator.device))
+            model = train_task(accelerator, model, inputs, collate, loss_fn, settings, name, penalty)
         with method.observing(model):
             features, logits, labels = extract(accelerator, model, inputs, eval_collate, settings.eval_batch_size)
         progress.train_accuracy.append(_accuracy(logits, labels, classes))
@@ -252,7 +255,7 @@ def run_sequence(
         progress.tasks_done = task + 1
         check_ranks_agree(accelerator, model, f"after {name}")
         if checkpoints is not None and accelerator.is_main_process:
-            save_checkpoint(checkpoints, model, method, head, progress, collators)
+            save_checkpoint(checkpoints, model, method, progress, collators, head)
     sizes = [len(test_set) for test_set in test_sets]
     summary = summarize(matrix, sizes)
     magnitudes = progress.magnitudes
@@ -270,110 +273,3 @@ def run_sequence(
         "head_statistics": head.stored_statistics(),
     }
     return model, record
-
-
-def check_ranks_agree(accelerator: Accelerator, model: nn.Module, when: str) -> None:
-    """Raise if the processes hold different models: gradients are averaged across them at every step, so the
-    adapters (SD-LoRA's directions and magnitudes included) and the head must stay identical. One hash per tensor
-    of the state dict is gathered, which names the tensors that differ at the cost of hashing the model once."""
-    if accelerator.num_processes == 1:
-        return
-    state = model.state_dict()
-    names = list(state)
-    digests = torch.tensor([_digest(t) for t in state.values()], device=accelerator.device)
-    gathered = accelerator.gather(digests).view(accelerator.num_processes, -1).cpu()
-    differ = [names[i] for i in (gathered != gathered[0]).any(dim=0).nonzero().flatten().tolist()]
-    if differ:
-        raise RuntimeError(
-            f"The processes' models differ {when}: {len(differ)} tensors, e.g. {differ[:3]}. Every process must "
-            "run the same code on the same model; check custom hooks, dropout seeds and per-process branches."
-        )
-
-
-def _digest(tensor: torch.Tensor) -> int:
-    """A 64-bit hash of a tensor's bytes."""
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
-
-
-def save_checkpoint(
-    directory: Path, model: nn.Module, method: Method, head: Head, progress: Progress, collators: Sequence[Collate]
-) -> Path:
-    """Save the run after `progress.tasks_done` tasks into `directory/task_<n>` (built aside, then renamed) and
-    remove the older checkpoints: the model (`Method.save`), the head's class statistics, the progress and the random
-    states of torch, numpy, python and the collators, as the next task will find them."""
-    statistics, order = head.state()
-    tensors, states = _random_states(collators)
-
-    def write(tmp: Path) -> None:
-        (tmp / "model").mkdir()
-        method.save(model, tmp / "model")
-        save_file(statistics, tmp / "head.safetensors")
-        save_file(tensors, tmp / "random.safetensors")
-        state = {"format": CHECKPOINT_FORMAT, "progress": asdict(progress), "head_order": order, "random": states}
-        (tmp / "state.json").write_text(json.dumps(state))
-
-    path = atomic_write_dir(directory / f"task_{progress.tasks_done}", write)
-    for older in _checkpoints(directory)[:-1]:
-        shutil.rmtree(older)
-    return path
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The checkpoint of the most tasks in `directory`, if any (unfinished ones are hidden temporary folders)."""
-    found = _checkpoints(directory)
-    return found[-1] if found else None
-
-
-def _checkpoints(directory: Path) -> list[Path]:
-    found = [path for path in directory.glob("task_*") if (path / "state.json").is_file()]
-    return sorted(found, key=lambda path: int(path.name.removeprefix("task_")))
-
-
-def load_checkpoint(
-    path: Path, model: nn.Module, method: Method, head: Head, collators: Sequence[Collate]
-) -> tuple[nn.Module, Progress]:
-    """`model` (prepared by the head, not yet wrapped) and `head` as `save_checkpoint` saved them, with the progress;
-    the random states are set last, after restoring the model has drawn its own initialisations."""
-    state = json.loads((path / "state.json").read_text())
-    if state["format"] != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} has checkpoint format {state['format']}; this version reads {CHECKPOINT_FORMAT}.")
-    model = method.restore(model, path / "model")
-    head.load_state(load_file(path / "head.safetensors"), state["head_order"])
-    _set_random_states(load_file(path / "random.safetensors"), state["random"], collators)
-    return model, Progress(**state["progress"])
-
-
-def _generator(collate: Collate) -> np.random.Generator | None:
-    """The generator an image collator draws its augmentations from (text collators have none)."""
-    generator = getattr(collate, "rng", None)
-    return generator if isinstance(generator, np.random.Generator) else None
-
-
-def _random_states(collators: Sequence[Collate]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every random state the next tasks draw from: torch's as tensors, the others as JSON values."""
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors |= {f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
-    version, internal, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
-    collator_states = [g.bit_generator.state if (g := _generator(c)) else None for c in collators]
-    states = {
-        "python": [version, list(internal), gauss],
-        "numpy": [kind, keys.tolist(), position, has_gauss, cached],
-        "collators": collator_states,
-    }
-    return tensors, states
-
-
-def _set_random_states(tensors: dict[str, torch.Tensor], states: dict, collators: Sequence[Collate]) -> None:
-    torch.set_rng_state(tensors["torch"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[f"cuda.{i}"] for i in range(torch.cuda.device_count())])
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, position, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
-    for collate, state in zip(collators, states["collators"]):
-        if (generator := _generator(collate)) is not None:
-            generator.bit_generator.state = state

@@ -15,7 +15,7 @@ from accelerate.state import AcceleratorState
 from peft import PeftConfig
 from torch import nn
 
-from sdlora_peft.continual import cli, train, zoo
+from sdlora_peft.continual import checkpoints, cli, train, zoo
 
 TINY = ["--model", "tiny-dinov2", "--dataset", "digits", "--image-size", "32", "--epochs", "1", "--batch-size", "16"]
 
@@ -101,7 +101,7 @@ def test_text_dataset_from_a_saved_directory(tmp_path):
 # into OUTDIR and a hash of its SD-LoRA tensors at each end-of-task check.
 WATCHED_CLI = """
 import atexit, json, os, sys
-from sdlora_peft.continual import cli, train
+from sdlora_peft.continual import checkpoints, cli, train
 
 output, log, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 writes, hashes = [], []
@@ -117,7 +117,7 @@ def audit(event, args):
 
 
 def check_ranks_agree(accelerator, model, when, check=train.check_ranks_agree):
-    hashes.append({n: train._digest(t) for n, t in model.state_dict().items() if "sdlora_" in n})
+    hashes.append({n: checkpoints._digest(t) for n, t in model.state_dict().items() if "sdlora_" in n})
     check(accelerator, model, when)
 
 
@@ -168,7 +168,7 @@ class OtherProcessHolds:
         self.model = model
 
     def gather(self, digests: torch.Tensor) -> torch.Tensor:
-        return torch.cat([digests, torch.tensor([train._digest(t) for t in self.model.state_dict().values()])])
+        return torch.cat([digests, torch.tensor([checkpoints._digest(t) for t in self.model.state_dict().values()])])
 
 
 def test_processes_holding_different_models_are_stopped():

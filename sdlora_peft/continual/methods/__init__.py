@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import AdapterOptions, FrozenNCM, Method, PeftMethod, TaskData
+from .base import AdapterOptions, Frozen, Method, PeftMethod, TaskData
 from .lora import MergedLoRA, SequentialLoRA
 from .sdlora import SDLoRA, SDLoRAAblation
 
@@ -19,7 +19,7 @@ METHODS: dict[str, Callable[[AdapterOptions], Method]] = {
     "sdlora-kd": lambda options: SDLoRA(options, "sdlora-kd", kd_threshold=9e-4),
     "lora-seq": SequentialLoRA,
     "lora-merge": MergedLoRA,
-    "ncm": FrozenNCM,
+    "ncm": Frozen,
     "linear": Method,
     "joint": lambda options: SequentialLoRA(options, "joint"),
     "ablation-single": lambda options: SDLoRAAblation(options, "single"),
@@ -40,7 +40,7 @@ __all__ = [
     "METHODS",
     "METHOD_NAMES",
     "AdapterOptions",
-    "FrozenNCM",
+    "Frozen",
     "Method",
     "MergedLoRA",
     "PeftMethod",

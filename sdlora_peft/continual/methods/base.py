@@ -29,12 +29,20 @@ class AdapterOptions:
     target_modules: list[str] | None = None
     layers_to_transform: list[int] | None = None
     sdlora: dict = field(default_factory=dict)  # extra SDLoraConfig fields (magnitude_sharing, freeze_scale, ...)
+    task_type: str | None = None  # PEFT's task type; "CAUSAL_LM": a language model, no classification layer
+
+
+def trained_modules(model: nn.Module, options: AdapterOptions) -> list[str] | None:
+    """What trains and is saved besides the adapters: the classification layer, or nothing for a causal language
+    model, whose output layer (often tied to the input embeddings) stays frozen."""
+    return None if options.task_type == "CAUSAL_LM" else [classifier_path(model)]
 
 
 @dataclass
 class TaskData:
-    """What a method may look at around a task: its index, its classes, and its training samples as model-ready
-    batches (the evaluation preprocessing, no augmentation, labels removed, on the model's device)."""
+    """What a method may look at around a task: its index, its classes (empty for a generative task), and its
+    training samples as model-ready batches (the evaluation preprocessing, no augmentation, labels removed, on the
+    model's device)."""
 
     index: int
     classes: list[int]
@@ -106,11 +114,16 @@ def as_peft(model: nn.Module) -> PeftModel:
     return model
 
 
-class FrozenNCM(Method):
-    """SimpleCIL: a frozen backbone and nothing trained; pair it with a head of class statistics (`ncm`, `lda`)."""
+class Frozen(Method):
+    """A frozen backbone and nothing trained: SimpleCIL with a head of class statistics (`ncm`, `lda`), or a language
+    model's `zero-shot` baseline."""
 
     name = "ncm"
     trains = False
+
+    def __init__(self, options: AdapterOptions, name: str | None = None) -> None:
+        super().__init__(options)
+        self.name = name or self.name
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model.requires_grad_(False)

@@ -11,8 +11,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ...model import DEFAULT_TARGET_MODULES
-from ..heads import classifier_path
-from .base import AdapterOptions, PeftMethod, as_peft, load_tensors
+from .base import AdapterOptions, PeftMethod, as_peft, load_tensors, trained_modules
 
 
 class SequentialLoRA(PeftMethod):
@@ -32,7 +31,8 @@ class SequentialLoRA(PeftMethod):
             target_modules=self.options.target_modules
             or DEFAULT_TARGET_MODULES.get(cast(PreTrainedModel, model).config.model_type),
             layers_to_transform=self.options.layers_to_transform,
-            modules_to_save=[classifier_path(model)],
+            modules_to_save=trained_modules(model, self.options),
+            task_type=self.options.task_type,
         )
 
     def wrap(self, model: nn.Module) -> nn.Module:

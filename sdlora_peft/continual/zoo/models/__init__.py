@@ -10,11 +10,12 @@ from transformers import PreTrainedModel
 
 from ..files import default_cache_dir
 from .base import ModelInfo, label_kwargs
+from .causal import CAUSAL_LM_NAMES, load_causal_lm
 from .dinov2 import load_dinov2_small
 from .gguf import load_smollm2
 from .hub import load_pretrained
 from .minilm import load_minilm
-from .tiny import tiny_model
+from .tiny import tiny_causal_lm, tiny_model
 
 
 def load_model(
@@ -47,3 +48,13 @@ _MODELS: dict[str, Callable[[dict, Path], tuple[PreTrainedModel, object, ModelIn
     "tiny-bert": lambda labels, cache: tiny_model("text", labels["num_labels"], labels["id2label"]),
 }
 MODEL_NAMES = tuple(_MODELS)
+
+__all__ = [
+    "CAUSAL_LM_NAMES",
+    "MODEL_NAMES",
+    "ModelInfo",
+    "load_causal_lm",
+    "load_model",
+    "tiny_causal_lm",
+    "tiny_model",
+]

@@ -1,0 +1,139 @@
+"""The output directory of a benchmark command (`sdlora-cil`, `sdlora-clm`): one run per (method, seed).
+
+A new run saves its options in `OUTDIR/config.json`; `--resume OUTDIR` reads them back (any option given again must
+agree). Each (method, seed) run keeps its checkpoints in `OUTDIR/checkpoints/<method>/seed_<s>/` while it runs;
+once it is finished, `<that>.json` holds its record, its adapter goes to `OUTDIR/adapters/<method>/seed_<s>/`, and
+its checkpoints are removed. The commands differ in what a run is; this is what they share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from peft import PeftModel
+
+from .. import SDLoraConfig, write_model_card
+from .report import atomic_write_dir, write_json
+
+RUN_STATE = ("config.json", "checkpoints")  # what OUTDIR holds of a started run, besides its results
+NOT_CONFIG = ("output", "overwrite", "resume")  # options that say where to write, not what to run
+
+
+def add_output_options(parser: argparse.ArgumentParser, default_output: str) -> None:
+    """--output, and --overwrite / --resume, which exclude each other."""
+    parser.add_argument("--output", default=default_output, help="output directory")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="start afresh in an OUTDIR that holds a run")
+    again.add_argument("--resume", metavar="OUTDIR", default=None, help="continue the run saved in OUTDIR from "
+                       "its last finished task, with its options")  # fmt: skip
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """The options; with `--resume OUTDIR`, the options saved in OUTDIR, which any option given must agree with."""
+    args = parser.parse_args(argv)
+    if args.resume is None:
+        return args
+    defaults, unset = vars(parser.parse_args([])), object()
+    parser.set_defaults(**dict.fromkeys(defaults, unset))  # parse again to tell the options given
+    given = {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
+    return _resumed(args.resume, given, defaults)
+
+
+def _resumed(output: str, given: dict, defaults: dict) -> argparse.Namespace:
+    """The options saved in `output` (defaults for any added since); refuse if an option given on the command line
+    says otherwise."""
+    saved_path = Path(output) / "config.json"
+    if not saved_path.is_file():
+        raise SystemExit(f"--resume {output}: there is no run to resume there (no config.json).")
+    saved = {**run_config(argparse.Namespace(**defaults)), **json.loads(saved_path.read_text())}
+    if given.get("output", output) != output:
+        raise SystemExit(f"--resume {output} writes into {output}; leave out --output {given['output']}.")
+    for name, value in given.items():
+        if name not in NOT_CONFIG and value != saved[name]:
+            option = "--" + name.replace("_", "-")
+            raise SystemExit(
+                f"--resume {output}: {option} is {value!r} here but {saved[name]!r} in the saved run. Leave it out "
+                "to resume with the saved options, or start a new run in another --output."
+            )
+    return argparse.Namespace(**saved, output=output, overwrite=False, resume=output)
+
+
+def csv_list(value: str, cast: type = str) -> list:
+    return [cast(item) for item in value.split(",") if item]
+
+
+def optional_csv(value: str | None, cast: type = str) -> list | None:
+    return None if value is None else csv_list(value, cast)
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    return {name: value for name, value in vars(args).items() if name not in NOT_CONFIG}
+
+
+def start_output(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Refuse to write over an earlier run without --overwrite; with it, forget that run's checkpoints and results,
+    so that OUTDIR never mixes two runs. A new run saves its options, which --resume reads back."""
+    output = Path(args.output)
+    if args.resume:
+        return
+    started = [name for name in ("results.json", *RUN_STATE) if (output / name).exists()]
+    if started and not args.overwrite:
+        raise SystemExit(
+            f"{output} already holds a run ({started[0]}); pass --resume {output} to continue it, --overwrite to "
+            "start afresh, or choose another --output."
+        )
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes
+    if accelerator.is_main_process:
+        shutil.rmtree(output / "checkpoints", ignore_errors=True)
+        (output / "results.json").unlink(missing_ok=True)
+        write_json(output / "config.json", run_config(args))
+
+
+def run_state(output: Path, name: str, seed: int) -> Path:
+    """The checkpoints of one (method, seed) run; beside them, `<that>.json` holds its record once it is finished."""
+    return output / "checkpoints" / name / f"seed_{seed}"
+
+
+def finished_record(args: argparse.Namespace, name: str, seed: int) -> dict | None:
+    """The record of a (method, seed) run that a resumed command finished before, if any."""
+    path = run_state(Path(args.output), name, seed).with_suffix(".json")
+    return json.loads(path.read_text()) if args.resume and path.is_file() else None
+
+
+def _save_adapter(folder: Path, model: PeftModel, record: dict, dataset: str) -> None:
+    """The adapter; an SD-LoRA adapter's model card also gets the run's results."""
+    model.save_pretrained(str(folder))
+    if isinstance(model.peft_config["default"], SDLoraConfig):
+        write_model_card(folder, model, results=record, dataset=dataset)
+
+
+def finish(output: Path, name: str, seed: int, model: object, record: dict, dataset: str) -> None:
+    """Save a finished (method, seed) run: its adapter, then its record, which tells --resume the run is done,
+    then forget its checkpoints."""
+    state = run_state(output, name, seed)
+    if isinstance(model, PeftModel):
+        atomic_write_dir(
+            output / "adapters" / name / f"seed_{seed}", lambda tmp: _save_adapter(tmp, model, record, dataset)
+        )
+    write_json(state.with_suffix(".json"), record)
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1) -> Accelerator:
+    """One Accelerator for the whole command. `split_batches`: --batch-size is the global batch, so N processes take
+    the steps one process would. On several CPU processes (torchrun / accelerate launch without CUDA) Accelerate
+    must be told (its `cpu` flag) to join them with gloo; otherwise each would run the whole benchmark alone."""
+    several_cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(
+        cpu=several_cpu_processes,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
