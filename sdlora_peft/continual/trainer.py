@@ -37,7 +37,7 @@ import torch
 from datasets import Dataset
 from peft import PeftModel
 from torch import nn
-from transformers import Trainer
+from transformers import PreTrainedTokenizerBase, Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_utils import TrainOutput, enable_full_determinism, get_last_checkpoint, set_seed
 
@@ -109,7 +109,7 @@ class ContinualTrainer(Trainer):
         if self.causal_lm and kwargs.get("data_collator") is None:
             if self.processing_class is None:
                 raise ValueError("A causal LM's tasks are prompt/target pairs: pass processing_class=tokenizer.")
-            self.data_collator = CausalLMCollator(getattr(self.processing_class, "pad_token_id"))
+            self.data_collator = CausalLMCollator(cast(PreTrainedTokenizerBase, self.processing_class).pad_token_id)
         if self.optimizer is not None or self.lr_scheduler is not None:
             raise ValueError(
                 "ContinualTrainer builds a new optimizer for each task (the trainable parameters change); pass "

@@ -59,7 +59,8 @@ def test_loss_is_on_the_target_tokens_only():
     batch = CausalLMCollator(TOKENIZER.pad_token_id)(rows)
     short = len(rows[1]["input_ids"])
     pad = batch["input_ids"].shape[1] - short
-    assert batch["input_ids"][1, :pad].eq(TOKENIZER.pad_token_id).all() and batch["attention_mask"][1, :pad].eq(0).all()
+    assert batch["input_ids"][1, :pad].eq(TOKENIZER.pad_token_id).all()
+    assert batch["attention_mask"][1, :pad].eq(0).all()
     assert batch["labels"][1].tolist() == [IGNORE_INDEX] * (pad + 4) + rows[1]["labels"][4:]  # left padding
     assert batch["position_ids"][1, pad:].tolist() == list(range(short))
     # the loss on the last positions' logits is the model's own loss over all positions, with the same labels
