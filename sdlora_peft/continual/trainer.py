@@ -100,13 +100,15 @@ class ContinualTrainer(Trainer):
     the trainable parameters are new objects at every task.
     """
 
+    lm_collator = True  # a causal LM without a data_collator gets `CausalLMCollator`
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         active_config(self.model)  # fails early for a model without an active SD-LoRA adapter
         self.causal_lm = is_causal_lm(self.peft_model)
         # masked_cross_entropy is a per-batch mean; a causal LM's own loss follows Trainer's rule
         self.loss_is_scaled_for_ga = None if self.causal_lm else False
-        if self.causal_lm and kwargs.get("data_collator") is None:
+        if self.causal_lm and self.lm_collator and kwargs.get("data_collator") is None:
             if self.processing_class is None:
                 raise ValueError("A causal LM's tasks are prompt/target pairs: pass processing_class=tokenizer.")
             self.data_collator = CausalLMCollator(cast(PreTrainedTokenizerBase, self.processing_class).pad_token_id)

@@ -103,3 +103,34 @@ def test_example_runs(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "yahoo:" in out and "(ranked among 20 answers)" in out
     assert (tmp_path / "task_1" / "adapter_model.safetensors").is_file()
+
+
+def test_trl_sft_trainer_learns_the_same_task_sequence(uninterrupted, tmp_path):
+    """With the real TRL: SFTTrainer's completion-only loss, ContinualTrainer's sequence; the same adapter as
+    ContinualTrainer's own tokenization gives when both train on the same pairs with the same settings."""
+    pytest.importorskip("trl")
+    from trl import SFTConfig
+
+    from sdlora_peft.continual.lm.sft import ContinualSFTTrainer
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        copy.deepcopy(MODEL), SDLoraConfig(r=4, task_type="CAUSAL_LM", target_modules=EVERY_PROJECTION)
+    )
+    args = SFTConfig(
+        str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=5e-2, logging_steps=1,
+        save_strategy="no", use_cpu=True, report_to=[], disable_tqdm=True, seed=7,
+    )  # fmt: skip
+    recorder = Recorder()
+    trainer = ContinualSFTTrainer(
+        model=model, args=args, processing_class=TOKENIZER, train_dataset=TRAIN_SETS[0], callbacks=[recorder]
+    )
+    trainer.train_tasks(TRAIN_SETS)
+    assert [r["task"] for r in trainer.model.peft_config["default"].task_history] == [0]
+    prepared = trainer.prepare_task_dataset(TRAIN_SETS[1])
+    row = encode_pair(TOKENIZER, TRAIN_SETS[1][0]["prompt"], TRAIN_SETS[1][0]["target"])
+    # TRL tokenizes the pair as ContinualTrainer does, and leaves the same prompt tokens out of the loss
+    assert prepared[0]["input_ids"] == row["input_ids"] and prepared[0]["labels"] == row["labels"]
+    train_logs = [logs for logs in recorder.logs if "loss" in logs]
+    assert [logs["sdlora/task"] for logs in train_logs] == [0] * 4 + [1] * 4
+    assert (task_folder(tmp_path, 1) / "adapter_model.safetensors").is_file()
