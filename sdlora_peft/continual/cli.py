@@ -32,8 +32,6 @@ from .data import (
 )
 from .heads import HEAD_NAMES, make_head
 from .methods import METHOD_NAMES, AdapterOptions, make_method
-from .plots import write_plots
-from .report import build_summary, console_table, write_results
 from .runs import csv_list, optional_csv
 from .train import TrainSettings, run_sequence
 
@@ -143,20 +141,8 @@ def run(args: argparse.Namespace) -> dict:
                 resume=bool(args.resume),
             )  # fmt: skip
             record = {"seed": seed, "head": head_name, **record}
-            by_method[name].append(record)
-            accelerator.wait_for_everyone()  # every process has read its checkpoint before they are removed
-            if accelerator.is_main_process:
-                runs.finish(output, name, seed, model, record, Path(args.dataset).name)
-    results = {
-        "config": {**vars(args), "model_info": info.__dict__ if info else None, "rehearsal_free": True},
-        "methods": {name: build_summary(method_runs) for name, method_runs in by_method.items()},
-    }
-    if accelerator.is_main_process:
-        write_results(results, output)
-        write_plots(results, output)
-        print(console_table(results))
-        print(f"results, plots and adapters: {output}")
-    return results
+            runs.keep_run(accelerator, output, by_method, name, seed, model, record, Path(args.dataset).name)
+    return runs.report_runs(accelerator, args, by_method, info)
 
 
 def main(argv: list[str] | None = None) -> int:

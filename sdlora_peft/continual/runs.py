@@ -20,7 +20,8 @@ from accelerate.utils import DataLoaderConfiguration
 from peft import PeftModel
 
 from .. import SDLoraConfig, write_model_card
-from .report import atomic_write_dir, write_json
+from .plots import write_plots
+from .report import atomic_write_dir, build_summary, console_table, write_json, write_results
 
 RUN_STATE = ("config.json", "checkpoints")  # what OUTDIR holds of a started run, besides its results
 NOT_CONFIG = ("output", "overwrite", "resume")  # options that say where to write, not what to run
@@ -124,6 +125,34 @@ def finish(output: Path, name: str, seed: int, model: object, record: dict, data
         )
     write_json(state.with_suffix(".json"), record)
     shutil.rmtree(state, ignore_errors=True)
+
+
+def keep_run(
+    accelerator: Accelerator, output: Path, by_method: dict[str, list[dict]], name: str, seed: int, model: object,
+    record: dict, dataset: str,
+) -> None:  # fmt: skip
+    """Add a finished run's record to `by_method` and, on the main process, save it (`finish`)."""
+    by_method[name].append(record)
+    accelerator.wait_for_everyone()  # every process has read its checkpoint before they are removed
+    if accelerator.is_main_process:
+        finish(output, name, seed, model, record, dataset)
+
+
+def report_runs(
+    accelerator: Accelerator, args: argparse.Namespace, by_method: dict[str, list[dict]], model_info: object
+) -> dict:
+    """The command's results (its options, each method's summary over seeds); the main process writes them with
+    their plots into OUTDIR and prints the table."""
+    results = {
+        "config": {**vars(args), "model_info": getattr(model_info, "__dict__", None), "rehearsal_free": True},
+        "methods": {name: build_summary(method_runs) for name, method_runs in by_method.items()},
+    }
+    if accelerator.is_main_process:
+        write_results(results, args.output)
+        write_plots(results, args.output)
+        print(console_table(results))
+        print(f"results, plots and adapters: {args.output}")
+    return results
 
 
 def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: int = 1) -> Accelerator:

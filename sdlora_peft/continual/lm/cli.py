@@ -21,8 +21,6 @@ from accelerate.utils import set_seed
 
 from .. import runs, zoo
 from ..methods import AdapterOptions, Frozen, Method, make_method
-from ..plots import write_plots
-from ..report import build_summary, console_table, write_results
 from ..runs import csv_list, optional_csv
 from ..train import TrainSettings
 from .loop import run_lm_sequence
@@ -110,20 +108,10 @@ def run(args: argparse.Namespace) -> dict:
                 resume=bool(args.resume),
             )  # fmt: skip
             record = {"seed": seed, **record}
-            by_method[name].append(record)
-            accelerator.wait_for_everyone()  # every process has read its checkpoint before they are removed
-            if accelerator.is_main_process:
-                runs.finish(output, name, seed, model, record, ",".join(task.name for task in tasks))
-    results = {
-        "config": {**vars(args), "model_info": info.__dict__ if info else None, "rehearsal_free": True},
-        "methods": {name: build_summary(method_runs) for name, method_runs in by_method.items()},
-    }
-    if accelerator.is_main_process:
-        write_results(results, output)
-        write_plots(results, output)
-        print(console_table(results))
-        print(f"results, plots and adapters: {output}")
-    return results
+            runs.keep_run(
+                accelerator, output, by_method, name, seed, model, record, ",".join(task.name for task in tasks)
+            )
+    return runs.report_runs(accelerator, args, by_method, info)
 
 
 def main(argv: list[str] | None = None) -> int:
