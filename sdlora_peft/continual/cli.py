@@ -44,36 +44,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdlora-cil", description=__doc__.split("\n\n")[0])
+    parser = runs.Parser(prog="sdlora-cil", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
+    count, rate = runs.positive(int), runs.positive(float)
     add("--model", default="dinov2-small", help=f"hub id, local dir, or one of {list(zoo.MODEL_NAMES)}")
     add("--dataset", default="digits", help=f"hub id, save_to_disk dir, or one of {list(zoo.DATASET_NAMES)}")
-    add("--num-tasks", type=int, default=5)
+    add("--num-tasks", type=count, default=5)
     add("--methods", default="sdlora,lora-seq,ncm", help=f"comma-separated, from {list(METHOD_NAMES)}; "
         "append @HEAD to override the head for one entry, e.g. sdlora@linear")  # fmt: skip
     add("--head", default=DEFAULT_HEAD, choices=HEAD_NAMES)
-    add("--epochs", type=int, default=2)
-    add("--batch-size", type=int, default=32)
-    add("--lr", type=float, default=1e-4, help="learning rate of the adapters (and of the backbone's peers)")
-    add("--head-lr", type=float, default=1e-3, help="learning rate of the classification layer (a slow learner "
+    add("--epochs", type=count, default=2)
+    add("--batch-size", type=count, default=32)
+    add("--lr", type=rate, default=1e-4, help="learning rate of the adapters (and of the backbone's peers)")
+    add("--head-lr", type=rate, default=1e-3, help="learning rate of the classification layer (a slow learner "
         "backbone, 10x below the head, limits feature drift)")  # fmt: skip
     add("--seeds", default="0", help="comma-separated seeds; each fixes the class order and the initialisation")
     runs.add_output_options(parser, "runs/cil")
-    add("--max-train-per-class", type=int, default=None)
-    add("--max-test-per-class", type=int, default=None)
-    add("--image-size", type=int, default=56)
+    add("--max-train-per-class", type=count, default=None)
+    add("--max-test-per-class", type=count, default=None)
+    add("--image-size", type=count, default=56)
     add("--augment", action="store_true", help="the paper's RandomResizedCrop + flip (and resize + center crop)")
     add("--image-column", default=None)
     add("--text-column", default=None)
     add("--label-column", default="label")
-    add("--max-length", type=int, default=64, help="token budget of text samples")
-    add("--r", type=int, default=10, help="adapter rank (every method)")
+    add("--max-length", type=count, default=64, help="token budget of text samples")
+    add("--pooling", default=None, choices=zoo.POOLINGS, help="how a text model's token states become its features "
+        "(default: as the model was trained: mean for sentence encoders such as minilm, the architecture's head "
+        "otherwise)")  # fmt: skip
+    add("--dropout", type=float, default=None, help="set every dropout of the backbone to this (default: its own)")
+    add("--prefix-cache", default="auto", choices=("auto", "off"), help="compute the frozen blocks below the "
+        "adapters once per dataset where that is exact (auto), or every time (off)")  # fmt: skip
+    add("--r", type=count, default=10, help="adapter rank (every method)")
     add("--layers", default=None, help="comma-separated block indices to adapt (default: all)")
     add("--target-modules", default=None, help="comma-separated module names (default: query/value projections)")
     add("--magnitude-sharing", default="global", choices=("global", "layer"))
     add("--freeze-scale", default="preserve", choices=("preserve", "unit"))
     add("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
-    add("--gradient-accumulation-steps", type=int, default=1)
+    add("--gradient-accumulation-steps", type=count, default=1)
     return parser
 
 
@@ -98,12 +105,26 @@ def run(args: argparse.Namespace) -> dict:
     """Run every method on every seed; write and return the results."""
     output = Path(args.output)
     accelerator = runs.make_accelerator(args.mixed_precision, args.gradient_accumulation_steps)
-    runs.start_output(args, accelerator)
+    # everything that can be refused is checked before anything is written: a refused run leaves OUTDIR as it was
     data = zoo.load_dataset(args.dataset)
     train_data, test_data = data["train"], data["test"]
     modality, column = detect_input(train_data, args.image_column, args.text_column)
     classes = dataset_classes(train_data, args.label_column)
     entries = _method_entries(args.methods, args.head)
+    seeds = csv_list(args.seeds, int)
+    if not seeds:
+        raise ValueError("--seeds needs at least one seed, e.g. --seeds 0,1,2.")
+    splits = {}
+    for seed in seeds:
+        split = TaskSplit.from_classes(classes, args.num_tasks, seed)
+        train_sets = split_dataset(train_data, split, args.label_column, args.max_train_per_class, seed, "train")
+        test_sets = split_dataset(test_data, split, args.label_column, args.max_test_per_class, seed, "test")
+        splits[seed] = split, train_sets, test_sets
+    set_seed(seeds[0])
+    loaded = zoo.load_model(
+        args.model, len(classes), modality=modality, pooling=args.pooling
+    )  # the first seed's: the model is checked
+    runs.start_output(args, accelerator)
     options = AdapterOptions(
         r=args.r,
         target_modules=optional_csv(args.target_modules),
@@ -112,13 +133,17 @@ def run(args: argparse.Namespace) -> dict:
     )
     by_method: dict[str, list[dict]] = {name: [] for name, _, _ in entries}
     info = None
-    for seed in csv_list(args.seeds, int):
-        split = TaskSplit.from_classes(classes, args.num_tasks, seed)
-        train_sets = split_dataset(train_data, split, args.label_column, args.max_train_per_class, seed, "train")
-        test_sets = split_dataset(test_data, split, args.label_column, args.max_test_per_class, seed, "test")
+    for seed in seeds:
+        split, train_sets, test_sets = splits[seed]
         set_seed(seed)
-        base, processor, info = zoo.load_model(args.model, len(classes), modality=modality)
-        settings = TrainSettings(args.epochs, args.batch_size, args.lr, args.head_lr, seed=seed)
+        if seed != seeds[0]:
+            loaded = zoo.load_model(args.model, len(classes), modality=modality, pooling=args.pooling)
+        base, processor, info = loaded
+        if args.dropout is not None:
+            zoo.set_dropout(base, args.dropout)
+        settings = TrainSettings(
+            args.epochs, args.batch_size, args.lr, args.head_lr, seed=seed, prefix_cache=args.prefix_cache == "auto"
+        )
         for name, method_name, head_name in entries:
             done = runs.finished_record(args, name, seed)
             if done is not None:
@@ -146,8 +171,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(parse_args(argv))
-    return 0
+    """Run `sdlora-cil`. An error the user causes (options, data, model, OUTDIR) prints one line, `sdlora-cil:
+    error: ...`, and returns 2, with nothing written; `--debug` raises it with its traceback instead."""
+    return runs.run_command("sdlora-cil", lambda given: run(parse_args(given)), argv)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ import argparse
 import json
 import os
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -24,11 +27,31 @@ from .plots import write_plots
 from .report import atomic_write_dir, build_summary, console_table, write_json, write_results
 
 RUN_STATE = ("config.json", "checkpoints")  # what OUTDIR holds of a started run, besides its results
-NOT_CONFIG = ("output", "overwrite", "resume")  # options that say where to write, not what to run
+NOT_CONFIG = ("output", "overwrite", "resume", "debug")  # options that say where to write or how to report
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        """One line, `<prog>: error: ...`, exit status 2 (argparse would print the usage first)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive(cast: type) -> Any:
+    """An argparse type: `cast` of the text, refused unless > 0."""
+
+    def parse(text: str):
+        value = cast(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = cast.__name__  # argparse names the type in its message
+    return parse
 
 
 def add_output_options(parser: argparse.ArgumentParser, default_output: str) -> None:
-    """--output, and --overwrite / --resume, which exclude each other."""
+    """--output, --overwrite / --resume (which exclude each other) and --debug."""
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--output", default=default_output, help="output directory")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--overwrite", action="store_true", help="start afresh in an OUTDIR that holds a run")
@@ -52,18 +75,18 @@ def _resumed(output: str, given: dict, defaults: dict) -> argparse.Namespace:
     says otherwise."""
     saved_path = Path(output) / "config.json"
     if not saved_path.is_file():
-        raise SystemExit(f"--resume {output}: there is no run to resume there (no config.json).")
+        raise ValueError(f"--resume {output}: there is no run to resume there (no config.json).")
     saved = {**run_config(argparse.Namespace(**defaults)), **json.loads(saved_path.read_text())}
     if given.get("output", output) != output:
-        raise SystemExit(f"--resume {output} writes into {output}; leave out --output {given['output']}.")
+        raise ValueError(f"--resume {output} writes into {output}; leave out --output {given['output']}.")
     for name, value in given.items():
         if name not in NOT_CONFIG and value != saved[name]:
             option = "--" + name.replace("_", "-")
-            raise SystemExit(
+            raise ValueError(
                 f"--resume {output}: {option} is {value!r} here but {saved[name]!r} in the saved run. Leave it out "
                 "to resume with the saved options, or start a new run in another --output."
             )
-    return argparse.Namespace(**saved, output=output, overwrite=False, resume=output)
+    return argparse.Namespace(**saved, output=output, overwrite=False, resume=output, debug=given.get("debug", False))
 
 
 def csv_list(value: str, cast: type = str) -> list:
@@ -86,7 +109,7 @@ def start_output(args: argparse.Namespace, accelerator: Accelerator) -> None:
         return
     started = [name for name in ("results.json", *RUN_STATE) if (output / name).exists()]
     if started and not args.overwrite:
-        raise SystemExit(
+        raise ValueError(
             f"{output} already holds a run ({started[0]}); pass --resume {output} to continue it, --overwrite to "
             "start afresh, or choose another --output."
         )
@@ -166,3 +189,18 @@ def make_accelerator(mixed_precision: str = "no", gradient_accumulation_steps: i
         gradient_accumulation_steps=gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+
+
+def run_command(prog: str, run: Callable[[list[str]], object], argv: list[str] | None = None) -> int:
+    """Run a command: an error the user causes (options, data, model, OUTDIR) prints one line, `<prog>: error:
+    ...`, and returns 2, with nothing written; `--debug` raises it with its traceback instead."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        run(argv)
+    except (ValueError, OSError) as error:
+        if "--debug" in argv:
+            raise
+        message = " ".join(str(error).split())  # one line, whatever the message's own line breaks
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    return 0

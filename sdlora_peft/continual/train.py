@@ -3,18 +3,17 @@
 `run_sequence` learns the tasks of a `TaskSplit` one after the other with one `Method` (SD-LoRA or a peer) and one
 `Head`, and returns the accuracy matrix and what the run cost. The same code runs on one CPU process, on several
 processes (`accelerate launch` / `torchrun`, gloo on CPU) and on GPUs; after every task it checks that all
-processes hold the same model.
-
-With a checkpoint directory, everything needed to go on is saved after every task (`checkpoints`): a run resumed
-from there ends with exactly the results of a run that was never stopped. `train_task` is also the causal-LM loop's
-(`lm.loop`): it takes the loss as a function.
+processes hold the same model. With a checkpoint directory, everything needed to go on is saved after every task
+(see `checkpoint`); frozen lower blocks are computed once per dataset where that is exact (see `prefix`).
+`train_task` is also the causal-LM loop's (`lm.loop`): it takes the loss as a function.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -26,13 +25,15 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoints import Collate, check_ranks_agree, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Progress, check_ranks_agree, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TaskSplit
 from .heads import CLASSIFIER_NAMES, Head, classifier_path, unwrap
 from .methods import Method, TaskData
 from .metrics import incremental_accuracies, summarize
+from .prefix import INDEX_KEY, IndexedDataset, PrefixCache, with_indices
 
-Loss = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+Collate = Callable[[list[dict]], dict[str, torch.Tensor]]
+Loss = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]  # (model, inputs, labels)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     eval_batch_size: int = 64
     seed: int = 0
+    prefix_cache: bool = True  # cache the frozen lower blocks' output where that is exact (see prefix.PrefixCache)
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -56,10 +58,11 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, classes: to
     return F.cross_entropy(masked.float(), labels)
 
 
-def class_loss(classes: torch.Tensor, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def class_loss(
+    classes: torch.Tensor, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+) -> torch.Tensor:
     """The class-incremental training loss: cross-entropy over the current task's `classes`."""
-    labels = batch.pop("labels")
-    return masked_cross_entropy(model(**batch).logits, labels, classes)
+    return masked_cross_entropy(model(**inputs).logits, labels, classes)
 
 
 def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
@@ -84,15 +87,21 @@ def train_task(
     settings: TrainSettings,
     description: str = "",
     penalty: Callable[[], torch.Tensor | None] | None = None,
+    cache: PrefixCache | None = None,
     losses: list[float] | None = None,
 ) -> nn.Module:
     """Train `model` on one task with a fresh optimizer (the trainable set changes between tasks). `loss_fn(model,
-    batch)` is the task's loss; `penalty` gives a term to add to every step's loss (a method's regulariser); every
-    step's loss is appended to `losses` if given."""
+    inputs, labels)` is the task's loss; `penalty` gives a term to add to every step's loss (a method's
+    regulariser); with an active `cache`, the frozen lower blocks' output comes from it; every step's loss is
+    appended to `losses` if given."""
+    cache = cache if cache is not None and cache.active else None
+    if cache is not None:
+        cache.prepare(accelerator, model, dataset, collate, settings.eval_batch_size)
     generator = torch.Generator().manual_seed(settings.seed)
     loader = DataLoader(
-        dataset, batch_size=settings.batch_size, shuffle=True, collate_fn=collate, generator=generator, drop_last=False
-    )
+        IndexedDataset(dataset), batch_size=settings.batch_size, shuffle=True, collate_fn=with_indices(collate),
+        generator=generator, drop_last=False,
+    )  # fmt: skip
     model.zero_grad(set_to_none=True)  # no gradient left from before (the aligned head's alignment leaves some)
     optimizer = _optimizer(model, settings)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -101,7 +110,9 @@ def train_task(
         batches = tqdm(loader, desc=f"{description} epoch {epoch + 1}", disable=not accelerator.is_local_main_process)
         for batch in batches:
             with accelerator.accumulate(model):
-                loss = loss_fn(model, batch)
+                labels = batch.pop("labels")
+                with _inputs(cache, dataset, batch) as inputs:
+                    loss = loss_fn(model, inputs, labels)
                 extra = penalty() if penalty is not None else None
                 if extra is not None:
                     loss = loss + extra
@@ -118,16 +129,26 @@ def train_task(
 
 @torch.no_grad()
 def extract(
-    accelerator: Accelerator, model: nn.Module, dataset: Dataset, collate: Collate, batch_size: int
+    accelerator: Accelerator,
+    model: nn.Module,
+    dataset: Dataset,
+    collate: Collate,
+    batch_size: int,
+    cache: PrefixCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features (the classification layer's input), logits and labels of every sample of `dataset`, gathered
-    from all processes, on the CPU."""
+    from all processes, on the CPU; with an active `cache`, the frozen lower blocks' output comes from it."""
+    cache = cache if cache is not None and cache.active else None
+    if cache is not None:
+        cache.prepare(accelerator, model, dataset, collate, batch_size)
     base = unwrap(model)
     captured: list[torch.Tensor] = []
     hook = base.get_submodule(classifier_path(base)).register_forward_hook(
         lambda module, inputs, output: captured.append(inputs[0])
     )
-    loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
+    loader = accelerator.prepare_data_loader(
+        DataLoader(IndexedDataset(dataset), batch_size=batch_size, collate_fn=with_indices(collate))
+    )
     model.eval().to(accelerator.device)
     features: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []
@@ -135,7 +156,8 @@ def extract(
     try:
         for batch in loader:
             batch_labels = batch.pop("labels")
-            batch_logits = model(**batch).logits
+            with _inputs(cache, dataset, batch) as inputs:
+                batch_logits = model(**inputs).logits
             batch_features = _pooled(captured.pop(), batch.get("attention_mask"))
             gathered = accelerator.gather_for_metrics((batch_features, batch_logits, batch_labels))
             for store, tensor in zip((features, logits, labels), gathered):
@@ -143,6 +165,17 @@ def extract(
     finally:
         hook.remove()
     return torch.cat(features), torch.cat(logits), torch.cat(labels)
+
+
+@contextlib.contextmanager
+def _inputs(cache: PrefixCache | None, dataset: Dataset, batch: dict) -> Iterator[dict[str, torch.Tensor]]:
+    """The model's inputs from a batch of `IndexedDataset` rows, replayed from the cache when there is one."""
+    if cache is None:
+        batch.pop(INDEX_KEY)
+        yield batch
+        return
+    with cache.replaying(dataset, batch) as inputs:
+        yield inputs
 
 
 def task_batches(
@@ -171,19 +204,6 @@ def _accuracy(scores: torch.Tensor, labels: torch.Tensor, classes: list[int]) ->
     allowed = torch.tensor(classes)
     predictions = allowed[scores[:, allowed].argmax(dim=1)]
     return 100.0 * (predictions == labels).float().mean().item()
-
-
-@dataclass
-class Progress:
-    """What a run has measured after `tasks_done` tasks; a checkpoint stores it with the model."""
-
-    accuracy_matrix: list[list[float | None]]
-    trainable_parameters: int
-    tasks_done: int = 0
-    task_aware: list[float] = field(default_factory=list)
-    train_accuracy: list[float] = field(default_factory=list)
-    magnitudes: list[list[float | None] | None] = field(default_factory=list)
-    train_seconds: float = 0.0
 
 
 def run_sequence(
@@ -216,8 +236,10 @@ def run_sequence(
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         progress = Progress([[None] * num_tasks for _ in range(num_tasks)], trainable)
     else:
-        model, progress = load_checkpoint(latest, model, method, Progress, collators, head)
+        model, progress = load_checkpoint(latest, model, method, head, collators)
     matrix = progress.accuracy_matrix
+    cache = PrefixCache(model, augmented=getattr(collate, "augment", False)) if settings.prefix_cache else None
+    read = partial(extract, accelerator, collate=eval_collate, batch_size=settings.eval_batch_size, cache=cache)
     for task in range(progress.tasks_done, num_tasks):
         classes = split.tasks[task]
         start = time.perf_counter()
@@ -225,15 +247,17 @@ def run_sequence(
         inputs = train_sets[task]
         batches = partial(task_batches, accelerator, inputs, eval_collate, settings.eval_batch_size)
         model = method.begin_task(model, TaskData(task, classes, batches))
+        if cache is not None:
+            cache.refresh(model)
         before = None
         if head.compensates_drift and method.trains and task > 0:
-            before, _, _ = extract(accelerator, model, inputs, eval_collate, settings.eval_batch_size)
+            before, _, _ = read(model, inputs)
         if method.trains:
             penalty = partial(method.penalty, model)
             loss_fn = partial(class_loss, torch.tensor(classes, device=accelerator.device))
-            model = train_task(accelerator, model, inputs, collate, loss_fn, settings, name, penalty)
+            model = train_task(accelerator, model, inputs, collate, loss_fn, settings, name, penalty, cache)
         with method.observing(model):
-            features, logits, labels = extract(accelerator, model, inputs, eval_collate, settings.eval_batch_size)
+            features, logits, labels = read(model, inputs)
         progress.train_accuracy.append(_accuracy(logits, labels, classes))
         if before is not None:
             head.compensate_drift(before, features)
@@ -241,9 +265,7 @@ def run_sequence(
         progress.train_seconds += time.perf_counter() - start
         seen = split.seen_classes(task)
         for seen_task in range(task + 1):
-            features, logits, labels = extract(
-                accelerator, model, test_sets[seen_task], eval_collate, settings.eval_batch_size
-            )
+            features, logits, labels = read(model, test_sets[seen_task])
             scores = head.scores(features, logits)
             matrix[task][seen_task] = _accuracy(scores, labels, seen)
             if task == num_tasks - 1:  # told the task: predictions among its classes only
@@ -255,7 +277,7 @@ def run_sequence(
         progress.tasks_done = task + 1
         check_ranks_agree(accelerator, model, f"after {name}")
         if checkpoints is not None and accelerator.is_main_process:
-            save_checkpoint(checkpoints, model, method, progress, collators, head)
+            save_checkpoint(checkpoints, model, method, head, progress, collators)
     sizes = [len(test_set) for test_set in test_sets]
     summary = summarize(matrix, sizes)
     magnitudes = progress.magnitudes
@@ -271,5 +293,6 @@ def run_sequence(
         "stored_adapter_parameters": method.stored_parameters(model),
         "magnitudes": magnitudes if any(m is not None for m in magnitudes) else None,
         "head_statistics": head.stored_statistics(),
+        "prefix_cache": cache.describe() if cache is not None else {"used": False, "reason": "turned off"},
     }
     return model, record

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from peft import get_peft_model_state_dict
 
-from sdlora_peft.continual import checkpoints, zoo
+from sdlora_peft.continual import checkpoint, zoo
 from sdlora_peft.continual.lm import cli, loop
 from sdlora_peft.continual.lm.encode import IGNORE_INDEX, CausalLMCollator, encode_pair, target_loss
 from sdlora_peft.continual.lm.ranking import choice_log_likelihoods
@@ -66,7 +66,8 @@ def test_loss_is_on_the_target_tokens_only():
     # the loss on the last positions' logits is the model's own loss over all positions, with the same labels
     model = copy.deepcopy(MODEL).eval()
     expected = model(**batch).loss
-    assert torch.allclose(target_loss(model, dict(batch)), expected, atol=1e-6)
+    inputs = {name: tensor for name, tensor in batch.items() if name != "labels"}
+    assert torch.allclose(target_loss(model, inputs, batch["labels"]), expected, atol=1e-6)
 
 
 def test_ranking_equals_a_hand_computation():
@@ -103,7 +104,7 @@ def test_sdlora_learns_each_task_and_advances_in_between(sdlora_run):
 
 
 def test_resume_after_a_task_is_bit_identical(sdlora_run, tmp_path, monkeypatch):
-    save = checkpoints.save_checkpoint
+    save = checkpoint.save_checkpoint
 
     def save_then_stop(*args, **kwargs):
         save(*args, **kwargs)

@@ -26,9 +26,8 @@ class ClassMeanHead(Head):
         a Gaussian of their distance to the mean before training. The bandwidth adapts to each class: the median
         squared distance, so the nearest half of the samples carries most of the weight whatever the feature scale.
         Only the current task's samples are used: the run stays rehearsal-free."""
-        before = before.float()
-        drift = after.float() - before
         for label, mean in self.means.items():
+            before, drift = before.to(mean.dtype), after.to(mean.dtype) - before.to(mean.dtype)
             squared = (before - mean).pow(2).sum(dim=1)
             weights = torch.softmax(-squared / (2 * squared.median().clamp_min(1e-12)), dim=0)
             self.means[label] = mean + weights @ drift

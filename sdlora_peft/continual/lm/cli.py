@@ -42,29 +42,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdlora-clm", description=__doc__.split("\n\n")[0])
+    parser = runs.Parser(prog="sdlora-clm", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
+    count, rate = runs.positive(int), runs.positive(float)
     add("--model", default="smollm2-135m", help=f"hub id, local dir, or one of {list(zoo.CAUSAL_LM_NAMES)}")
     add("--tasks", default="yahoo,stackoverflow,20ng", help="comma-separated, in order: save_to_disk folders "
         f"(prompt, target[, choices]) or zoo tasks from {list(ZOO_TASK_NAMES)}")  # fmt: skip
     add("--methods", default="sdlora,lora-seq,lora-merge,zero-shot,joint", help=f"from {list(LM_METHOD_NAMES)}")
     add("--seeds", default="0", help="comma-separated; each fixes the training samples and the initialisation")
     runs.add_output_options(parser, "runs/clm")
-    add("--epochs", type=int, default=1)
-    add("--batch-size", type=int, default=8)
-    add("--lr", type=float, default=1e-3)
-    add("--eval-batch-size", type=int, default=128, help="(prompt, answer) pairs scored in one forward")
-    add("--max-train-per-task", type=int, default=200)
-    add("--max-test-per-task", type=int, default=100)
-    add("--max-text-tokens", type=int, default=48, help="token budget of a zoo task's text, before its question")
+    add("--epochs", type=count, default=1)
+    add("--batch-size", type=count, default=8)
+    add("--lr", type=rate, default=1e-3)
+    add("--eval-batch-size", type=count, default=128, help="(prompt, answer) pairs scored in one forward")
+    add("--max-train-per-task", type=count, default=200)
+    add("--max-test-per-task", type=count, default=100)
+    add("--max-text-tokens", type=count, default=48, help="token budget of a zoo task's text, before its question")
     add("--exact-match", action="store_true", help="also score greedy generation by exact match")
-    add("--r", type=int, default=8, help="adapter rank (every method)")
+    add("--r", type=count, default=8, help="adapter rank (every method)")
     add("--layers", default=None, help="comma-separated block indices to adapt (default: all)")
     add("--target-modules", default=None, help="comma-separated module names (default: query/value projections)")
     add("--magnitude-sharing", default="global", choices=("global", "layer"))
     add("--freeze-scale", default="preserve", choices=("preserve", "unit"))
     add("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
-    add("--gradient-accumulation-steps", type=int, default=1)
+    add("--gradient-accumulation-steps", type=count, default=1)
     return parser
 
 
@@ -115,8 +116,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(parse_args(argv))
-    return 0
+    """Run `sdlora-clm`; an error the user causes prints one line and returns 2 (`--debug`: the traceback)."""
+    return runs.run_command("sdlora-clm", lambda given: run(parse_args(given)), argv)
 
 
 if __name__ == "__main__":

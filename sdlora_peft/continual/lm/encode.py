@@ -75,11 +75,10 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
-def target_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens of a left-padded batch. Only the last positions' logits are
-    computed (``logits_to_keep``): the targets sit at the end of every row, and the output layer over a large
-    vocabulary is the costliest layer of a small LM."""
-    labels = batch.pop("labels")
+def target_loss(model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens (`labels` not -100) of a left-padded batch. Only the last
+    positions' logits are computed (``logits_to_keep``): the targets sit at the end of every row, and the output
+    layer over a large vocabulary is the costliest layer of a small LM."""
     span = int((labels != IGNORE_INDEX).sum(dim=1).max().clamp(max=labels.shape[1] - 1))
-    logits = model(**batch, logits_to_keep=span + 1).logits[:, :-1]  # position i predicts token i + 1
+    logits = model(**inputs, logits_to_keep=span + 1).logits[:, :-1]  # position i predicts token i + 1
     return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, -span:].flatten(), ignore_index=IGNORE_INDEX)

@@ -5,7 +5,9 @@ class-incremental loop: `wrap`, `begin_task`, `penalty` on every step, `observin
 the loss on the target tokens only, and after every task ranks the answers of every task seen so far by
 log-likelihood (and, as an option, scores greedy generation by exact match). No task id reaches the model beyond
 what its prompt says in words. Checkpoints after every task make a resumed run end bit for bit as an uninterrupted
-one (`checkpoints`).
+one (`checkpoint`). Training replays the frozen lower blocks' output from `prefix.PrefixCache` where that is exact
+(adapters on the upper blocks only, no dropout below); the ranking runs the whole model, as it reads every layer's
+key/value cache of the prompt.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from ..checkpoints import check_ranks_agree, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..checkpoint import check_ranks_agree, latest_checkpoint, load_checkpoint, save_checkpoint
 from ..methods import Method, TaskData
 from ..metrics import incremental_accuracies, summarize
+from ..prefix import PrefixCache
 from ..train import TrainSettings, task_batches, train_task
 from .encode import CausalLMCollator, answer_ids, encode_pairs, prompt_ids, target_loss
 from .ranking import choice_log_likelihoods, greedy_answers
@@ -108,18 +111,23 @@ def run_lm_sequence(
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         progress = LMProgress([[None] * len(tasks) for _ in stages], trainable)
     else:
-        model, progress = load_checkpoint(latest, model, method, LMProgress, (collate,))
+        model, progress = load_checkpoint(latest, model, method, None, (collate,), LMProgress)
+    cache = PrefixCache(model) if settings.prefix_cache else None
     evaluated: dict[int, tuple[float, float | None]] = {}  # a method that trains nothing: once per task
     for stage in range(progress.tasks_done, len(stages)):
         name = f"{method.name} task {stage + 1}/{len(stages)}"
         batches = partial(task_batches, accelerator, stages[stage], collate, settings.eval_batch_size)
         model = method.begin_task(model, TaskData(stage, [], batches))
+        if cache is not None:
+            cache.refresh(model)
         losses: list[float] = []
         start = time.perf_counter()
         if method.trains:
             penalty = partial(method.penalty, model)
             stage_data = stages[stage]
-            model = train_task(accelerator, model, stage_data, collate, target_loss, settings, name, penalty, losses)
+            model = train_task(
+                accelerator, model, stage_data, collate, target_loss, settings, name, penalty, cache, losses
+            )
         progress.task_seconds.append(time.perf_counter() - start)
         if type(method).observing is not Method.observing:  # a pass over the samples only for a method that reads it
             with method.observing(model), torch.no_grad():
@@ -141,11 +149,14 @@ def run_lm_sequence(
         progress.tasks_done = stage + 1
         check_ranks_agree(accelerator, model, f"after {name}")
         if checkpoints is not None and accelerator.is_main_process:
-            save_checkpoint(checkpoints, model, method, progress, (collate,))
-    return model, _record(method, model, progress, encoded, joint)
+            save_checkpoint(checkpoints, model, method, None, progress, (collate,))
+    return model, _record(method, model, progress, encoded, joint, cache)
 
 
-def _record(method: Method, model: nn.Module, progress: LMProgress, tasks: list[EncodedTask], joint: bool) -> dict:
+def _record(
+    method: Method, model: nn.Module, progress: LMProgress, tasks: list[EncodedTask], joint: bool,
+    cache: PrefixCache | None,
+) -> dict:  # fmt: skip
     """The run's results. Tasks count equally (the average accuracy of the LM continual-learning papers); a joint
     run's matrix is its one stage's mean over the tasks, as a class-incremental joint run has one task."""
     final = [a for a in progress.accuracy[-1] if a is not None]
@@ -167,4 +178,5 @@ def _record(method: Method, model: nn.Module, progress: LMProgress, tasks: list[
         "trainable_parameters": progress.trainable_parameters,
         "stored_adapter_parameters": method.stored_parameters(model),
         "magnitudes": progress.magnitudes if any(m is not None for m in progress.magnitudes) else None,
+        "prefix_cache": cache.describe() if cache is not None else {"used": False, "reason": "turned off"},
     }

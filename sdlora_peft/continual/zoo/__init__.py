@@ -21,18 +21,32 @@ splits and a ``ClassLabel`` column named ``label``; images sit in an ``image`` c
 
 from .data import DATASET_NAMES, load_dataset
 from .files import CACHE_ENV, default_cache_dir
-from .models import CAUSAL_LM_NAMES, MODEL_NAMES, ModelInfo, load_causal_lm, load_model, tiny_causal_lm, tiny_model
+from .models import (
+    CAUSAL_LM_NAMES,
+    MODEL_NAMES,
+    POOLINGS,
+    ModelInfo,
+    PooledClassifier,
+    load_causal_lm,
+    load_model,
+    set_dropout,
+    tiny_causal_lm,
+    tiny_model,
+)
 
 __all__ = [
     "CACHE_ENV",
     "CAUSAL_LM_NAMES",
     "DATASET_NAMES",
     "MODEL_NAMES",
+    "POOLINGS",
     "ModelInfo",
+    "PooledClassifier",
     "default_cache_dir",
     "load_causal_lm",
     "load_dataset",
     "load_model",
+    "set_dropout",
     "tiny_causal_lm",
     "tiny_model",
 ]

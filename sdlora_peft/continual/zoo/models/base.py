@@ -17,6 +17,7 @@ class ModelInfo:
     hidden_size: int | None
     num_parameters: int
     pretrained: bool
+    pooling: str | None = None  # a PooledClassifier's pooling; None: the architecture's own head
 
 
 def label_kwargs(num_labels: int, id2label: dict[int, str] | None) -> dict:

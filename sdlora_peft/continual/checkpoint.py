@@ -1,9 +1,9 @@
-"""Checkpoints between tasks, shared by the class-incremental loop and the causal-LM loop.
+"""Checkpoints between tasks, and the check that every process holds the same model.
 
-After every task everything needed to go on is saved (safetensors and JSON, written atomically): the model through
-`Method.save`, the head's class statistics when there is a head, what was measured so far (any dataclass of plain
-values) and every random state. A run resumed from there ends with exactly the results of a run that was never
-stopped. `check_ranks_agree` checks that several processes still hold the same model.
+After every task the main process saves everything needed to go on (safetensors and JSON, written atomically): the
+model through `Method.save`, the head's class statistics (when the run has a head: the causal-LM loop has none),
+what was measured so far (`Progress`, or any dataclass of plain values) and every random state. A run resumed from
+there ends with exactly the results of a run that was never stopped.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import json
 import random
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -23,27 +23,57 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .heads import Head
 from .methods import Method
 from .report import atomic_write_dir
 
-if TYPE_CHECKING:
-    from .heads import Head
-
-CHECKPOINT_FORMAT = 1
 Collate = Callable[[list[dict]], dict[str, torch.Tensor]]
+CHECKPOINT_FORMAT = 1
 ProgressT = TypeVar("ProgressT")
 
 
+@dataclass
+class Progress:
+    """What a run has measured after `tasks_done` tasks; a checkpoint stores it with the model."""
+
+    accuracy_matrix: list[list[float | None]]
+    trainable_parameters: int
+    tasks_done: int = 0
+    task_aware: list[float] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)
+    magnitudes: list[list[float | None] | None] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def check_ranks_agree(accelerator: Accelerator, model: nn.Module, when: str) -> None:
+    """Raise if the processes hold different models: gradients are averaged across them at every step, so the
+    adapters (SD-LoRA's directions and magnitudes included) and the head must stay identical. One hash per tensor
+    of the state dict is gathered, which names the tensors that differ at the cost of hashing the model once."""
+    if accelerator.num_processes == 1:
+        return
+    state = model.state_dict()
+    names = list(state)
+    digests = torch.tensor([_digest(t) for t in state.values()], device=accelerator.device)
+    gathered = accelerator.gather(digests).view(accelerator.num_processes, -1).cpu()
+    differ = [names[i] for i in (gathered != gathered[0]).any(dim=0).nonzero().flatten().tolist()]
+    if differ:
+        raise RuntimeError(
+            f"The processes' models differ {when}: {len(differ)} tensors, e.g. {differ[:3]}. Every process must "
+            "run the same code on the same model; check custom hooks, dropout seeds and per-process branches."
+        )
+
+
+def _digest(tensor: torch.Tensor) -> int:
+    """A 64-bit hash of a tensor's bytes."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
 def save_checkpoint(
-    directory: Path,
-    model: nn.Module,
-    method: Method,
-    progress: Any,
-    collators: Sequence[Collate],
-    head: Head | None = None,
+    directory: Path, model: nn.Module, method: Method, head: Head | None, progress: Any, collators: Sequence[Collate]
 ) -> Path:
     """Save the run after `progress.tasks_done` tasks into `directory/task_<n>` (built aside, then renamed) and
-    remove the older checkpoints: the model (`Method.save`), the head's class statistics (if a head is given), the
+    remove the older checkpoints: the model (`Method.save`), the head's class statistics (if there is a head), the
     progress (a dataclass) and the random states of torch, numpy, python and the collators, as the next task will
     find them."""
     statistics, order = head.state() if head is not None else ({}, None)
@@ -79,12 +109,12 @@ def load_checkpoint(
     path: Path,
     model: nn.Module,
     method: Method,
-    progress_type: Callable[..., ProgressT],
+    head: Head | None,
     collators: Sequence[Collate],
-    head: Head | None = None,
+    progress_type: Callable[..., ProgressT] = Progress,  # type: ignore[assignment]
 ) -> tuple[nn.Module, ProgressT]:
-    """`model` (as `Method.wrap` receives it) and `head` as `save_checkpoint` saved them, with the progress rebuilt
-    as `progress_type`; the random states are set last, after restoring the model has drawn its own
+    """`model` (prepared by the head, not yet wrapped) and `head` as `save_checkpoint` saved them, with the progress
+    rebuilt as `progress_type`; the random states are set last, after restoring the model has drawn its own
     initialisations."""
     state = json.loads((path / "state.json").read_text())
     if state["format"] != CHECKPOINT_FORMAT:
@@ -94,30 +124,6 @@ def load_checkpoint(
         head.load_state(load_file(path / "head.safetensors"), state["head_order"])
     _set_random_states(load_file(path / "random.safetensors"), state["random"], collators)
     return model, progress_type(**state["progress"])
-
-
-def check_ranks_agree(accelerator: Accelerator, model: nn.Module, when: str) -> None:
-    """Raise if the processes hold different models: gradients are averaged across them at every step, so the
-    adapters (SD-LoRA's directions and magnitudes included) and the head must stay identical. One hash per tensor
-    of the state dict is gathered, which names the tensors that differ at the cost of hashing the model once."""
-    if accelerator.num_processes == 1:
-        return
-    state = model.state_dict()
-    names = list(state)
-    digests = torch.tensor([_digest(t) for t in state.values()], device=accelerator.device)
-    gathered = accelerator.gather(digests).view(accelerator.num_processes, -1).cpu()
-    differ = [names[i] for i in (gathered != gathered[0]).any(dim=0).nonzero().flatten().tolist()]
-    if differ:
-        raise RuntimeError(
-            f"The processes' models differ {when}: {len(differ)} tensors, e.g. {differ[:3]}. Every process must "
-            "run the same code on the same model; check custom hooks, dropout seeds and per-process branches."
-        )
-
-
-def _digest(tensor: torch.Tensor) -> int:
-    """A 64-bit hash of a tensor's bytes."""
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
 def _generator(collate: Collate) -> np.random.Generator | None:
