@@ -181,3 +181,22 @@ def test_sdlora_clm_end_to_end_and_resume(tmp_path):
     )  # fmt: skip
     assert "sdlora" in done.stdout
     assert json.loads((tmp_path / "out" / "results.json").read_text())["methods"] == results["methods"]
+
+
+def test_the_prefix_cache_replays_the_frozen_blocks_exactly():
+    """Adapters on the upper two of four blocks: training replays the lower blocks' cached output, and ends where
+    a run that computes them every step ends."""
+    upper = AdapterOptions(r=4, target_modules=EVERY_PROJECTION, layers_to_transform=[2, 3], task_type="CAUSAL_LM")
+    ends = {}
+    for cached in (True, False):
+        torch.manual_seed(0)
+        settings = TrainSettings(epochs=2, batch_size=8, lr=5e-2, seed=0, prefix_cache=cached)
+        method = cli.make_lm_method("sdlora", upper)
+        ends[cached] = loop.run_lm_sequence(
+            Accelerator(cpu=True), copy.deepcopy(MODEL), TOKENIZER, method, TASKS, settings
+        )  # fmt: skip
+    assert ends[True][1]["prefix_cache"] == {"used": True, "frozen_blocks": 2, "blocks": 4, "reason": None}
+    assert ends[False][1]["prefix_cache"]["used"] is False
+    want, got = (get_peft_model_state_dict(ends[c][0]) for c in (False, True))
+    assert all(torch.allclose(want[k], got[k], atol=1e-5) for k in want)
+    assert ends[True][1]["accuracy_matrix"] == ends[False][1]["accuracy_matrix"]
