@@ -26,8 +26,8 @@ from pathlib import Path
 
 from sdlora_peft.continual.report import atomic_write_bytes, build_summary, results_markdown
 
-BACKBONE_METHODS = ("sdlora", "sdlora-rr", "sdlora-kd", "lora-seq", "lora-merge", "joint", "sdlora@linear",
-                    "lora-seq@linear")  # fmt: skip
+BACKBONE_METHODS = ("sdlora", "sdlora-rr", "sdlora-kd", "lora-seq", "lora-merge", "inflora", "olora", "joint",
+                    "sdlora@linear", "lora-seq@linear")  # fmt: skip
 FROZEN_METHODS = ("ncm", "linear")  # no adapter to tune: run once, with the first setting
 ABLATION = ("ablation-single", "ablation-first", "ablation-fixed")
 ABLATION_SUITE = "mnist"

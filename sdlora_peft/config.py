@@ -21,7 +21,7 @@ RR_RANK_FRACTIONS = ((4, 1.0), (8, 0.8), (None, 0.6))
 
 MAGNITUDE_SHARINGS = ("global", "layer")
 DIRECTION_NORMS = ("frobenius", "factor")
-FREEZE_SCALES = ("preserve", "unit")
+FREEZE_SCALES = ("preserve", "normalized", "unit")
 ALLOW_PICKLE_ENV = "SDLORA_ALLOW_PICKLE"
 """Set to 1 to load an adapter saved only as a pickle (`adapter_model.bin`); safetensors are required otherwise."""
 
@@ -86,10 +86,13 @@ class SDLoraConfig(PeftConfig):
         direction_norm (`"frobenius"` or `"factor"`):
             The norm that makes a frozen direction unit: `||BA||_F` (the paper) or `||B||_F * ||A||_F` (the reference
             code's upper bound).
-        freeze_scale (`"preserve"` or `"unit"`):
+        freeze_scale (`"preserve"`, `"normalized"` or `"unit"`):
             How `advance_task()` stores the frozen direction. `"preserve"` keeps the model's function unchanged: the
             magnitude absorbs the update's norm (with global magnitudes a per-layer constant keeps each layer's share).
-            `"unit"` rescales every layer's update to norm `alpha`, as the reference code does; the function jumps.
+            `"normalized"` keeps the function too, but the whole trained update goes into the frozen scale and the
+            task's magnitude restarts at 1: every old magnitude then reads as "times its trained update", whatever
+            the update's norm, so one learning rate re-weights all tasks alike. `"unit"` rescales every layer's
+            update to norm `alpha`, as the reference code does; the function jumps.
         reset_magnitudes (`bool`):
             Reset all magnitudes to `magnitude_init` at every `advance_task()`, as the reference code does (learned
             values are lost and the function changes). Off by default.
@@ -137,9 +140,12 @@ class SDLoraConfig(PeftConfig):
     direction_norm: Literal["frobenius", "factor"] = field(
         default="frobenius", metadata={"help": "'frobenius': ||BA||_F; 'factor': ||B||_F * ||A||_F."}
     )
-    freeze_scale: Literal["preserve", "unit"] = field(
+    freeze_scale: Literal["preserve", "normalized", "unit"] = field(
         default="preserve",
-        metadata={"help": "'preserve': advance_task keeps the function; 'unit': reference code's rescaling."},
+        metadata={
+            "help": "'preserve': advance_task keeps the function; 'normalized': keeps it with old magnitudes "
+            "restarting at 1; 'unit': reference code's rescaling."
+        },
     )
     reset_magnitudes: bool = field(
         default=False, metadata={"help": "Reset all magnitudes at each advance_task (reference code)."}

@@ -292,10 +292,13 @@ class SDLoraModel(BaseTuner):
 
         "preserve": the frozen update `alpha' * scale * B A` equals the trained `alpha * B A`. With per-layer
         magnitudes each layer's magnitude absorbs its own norm (`c = 1`); with a global one it absorbs the layers'
-        root-mean-square norm m, and `c_l = n_l / m` keeps every layer's share. "unit": `c = 1` and alpha stays.
+        root-mean-square norm m, and `c_l = n_l / m` keeps every layer's share. "normalized": the scale is the
+        trained alpha itself (`c = alpha n`) and the magnitude becomes 1. "unit": `c = 1` and alpha stays.
         Zero layers get scale 0: their `B A` is zero anyway.
         """
         safe_norms = torch.where(live, norms, torch.ones_like(norms))
+        if config.freeze_scale == "normalized":
+            return torch.where(live, magnitude.expand_as(norms), 0.0), torch.ones_like(magnitude)
         if config.freeze_scale == "unit":
             return torch.where(live, 1 / safe_norms, 0.0), magnitude
         if config.magnitude_sharing == "layer":

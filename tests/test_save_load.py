@@ -49,7 +49,7 @@ def test_uses_an_existing_enum_member(monkeypatch):
         ("magnitude_init", "one", "number"),
         ("magnitude_sharing", "task", "'global', 'layer'"),
         ("direction_norm", "spectral", "'frobenius', 'factor'"),
-        ("freeze_scale", "keep", "'preserve', 'unit'"),
+        ("freeze_scale", "keep", "'preserve', 'normalized', 'unit'"),
         ("kd_threshold", -1.0, ">= 0"),
         ("task_history", [{"task": 0, "rank": 4}], "exactly the keys"),
         ("task_history", [{"task": 1, "rank": 4, "absorbed": False, "residual": None}], "tasks must be 0, 1, 2"),

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sdlora_peft import SDLoraConfig, lowrank
+from sdlora_peft import SDLoraConfig, SDLoraLayer, lowrank
 from sdlora_peft.layer import _FrozenLowRank
 
 MLP_CASE, VIT_CASE = CASE_BY_NAME["mlp"], CASE_BY_NAME["vit"]
@@ -72,14 +72,30 @@ def test_random_init_is_not_the_identity():
 
 @pytest.mark.parametrize("sharing", SHARINGS)
 @pytest.mark.parametrize("norm", ["frobenius", "factor"])
-def test_advance_task_keeps_the_function(case, sharing, norm):
-    _, model = make_peft(case, r=3, magnitude_sharing=sharing, direction_norm=norm)
+@pytest.mark.parametrize("freeze_scale", ["preserve", "normalized"])
+def test_advance_task_keeps_the_function(case, sharing, norm, freeze_scale):
+    _, model = make_peft(case, r=3, magnitude_sharing=sharing, direction_norm=norm, freeze_scale=freeze_scale)
     inputs = case.inputs()
     for _ in range(3):
         train_steps(model, inputs)
         before = output(model, inputs)
         model.advance_task()
         assert (output(model, inputs) - before).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("sharing", SHARINGS)
+def test_normalized_magnitudes_restart_at_one_and_keep_the_trained_update(sharing):
+    _, model = make_peft(VIT_CASE, r=3, magnitude_sharing=sharing, freeze_scale="normalized")
+    inputs = VIT_CASE.inputs()
+    for task in range(3):
+        train_steps(model, inputs)
+        trained = model.base_model.task_magnitudes()[task]
+        assert trained != pytest.approx(1.0)  # the task's own magnitude moved while it trained
+        model.advance_task()
+        magnitudes = model.base_model.task_magnitudes()
+        assert magnitudes[task] == pytest.approx(1.0)  # ... and restarts at 1, its trained value now in the scale
+    layer = next(m for m in model.modules() if isinstance(m, SDLoraLayer))
+    assert torch.all(layer.sdlora_frozen_scale["default"] != 1)
 
 
 @pytest.mark.parametrize("option", [{"freeze_scale": "unit"}, {"reset_magnitudes": True}])

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Progress, check_ranks_agree, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TaskSplit
-from .heads import CLASSIFIER_NAMES, Head, classifier_path, unwrap
+from .heads import Head, classifier_path, find_classifier, unwrap
 from .methods import Method, TaskData
 from .metrics import incremental_accuracies, summarize
 from .prefix import INDEX_KEY, IndexedDataset, PrefixCache, with_indices
@@ -38,13 +38,16 @@ Loss = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], torch.Tensor
 
 @dataclass
 class TrainSettings:
-    """How each task is trained. `head_lr` defaults to `lr`; a smaller `lr` than `head_lr` is the "slow learner"
-    (SLCA) that limits how far the backbone's features drift from one task to the next."""
+    """How each task is trained. `head_lr` and `magnitude_lr` (SD-LoRA's magnitudes) default to `lr`; a smaller `lr`
+    than `head_lr` is the "slow learner" (SLCA) that limits how far the backbone's features drift from one task to
+    the next. `optimizer`: "adamw", or "sgd" with momentum 0.9 (the SD-LoRA reference code's)."""
 
     epochs: int = 3
     batch_size: int = 32
     lr: float = 1e-3
     head_lr: float | None = None
+    magnitude_lr: float | None = None
+    optimizer: str = "adamw"
     weight_decay: float = 0.0
     eval_batch_size: int = 64
     seed: int = 0
@@ -65,17 +68,29 @@ def class_loss(
     return masked_cross_entropy(model(**inputs).logits, labels, classes)
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    """AdamW with the classification layer (if the model has one) at `head_lr`, everything else at `lr`."""
-    has_head = any(name in CLASSIFIER_NAMES for name, _ in unwrap(model).named_modules())
-    head = classifier_path(unwrap(model)) if has_head else None
-    groups: dict[bool, list[nn.Parameter]] = {True: [], False: []}
+    """One parameter group each for the classification layer, SD-LoRA's magnitudes and everything else trained."""
+    head = find_classifier(unwrap(model))  # None for a causal LM
+    rates = {
+        "head": settings.lr if settings.head_lr is None else settings.head_lr,
+        "magnitude": settings.lr if settings.magnitude_lr is None else settings.magnitude_lr,
+        "backbone": settings.lr,
+    }
+    groups: dict[str, list[nn.Parameter]] = {name: [] for name in rates}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            groups[head is not None and f".{head}." in f".{name}"].append(parameter)
-    head_lr = settings.lr if settings.head_lr is None else settings.head_lr
-    param_groups = [{"params": groups[False], "lr": settings.lr}, {"params": groups[True], "lr": head_lr}]
-    return torch.optim.AdamW([g for g in param_groups if g["params"]], weight_decay=settings.weight_decay)
+            in_head = head is not None and f".{head}." in f".{name}"
+            group = "head" if in_head else "magnitude" if "sdlora_magnitude" in name else "backbone"
+            groups[group].append(parameter)
+    param_groups = [{"params": groups[name], "lr": rate} for name, rate in rates.items() if groups[name]]
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, momentum=0.9, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, weight_decay=settings.weight_decay)
+    raise ValueError(f"Unknown optimizer {settings.optimizer!r}; choose one of {list(OPTIMIZERS)}.")
 
 
 def train_task(
@@ -246,7 +261,7 @@ def run_sequence(
         name = f"{method.name} task {task + 1}/{num_tasks}"
         inputs = train_sets[task]
         batches = partial(task_batches, accelerator, inputs, eval_collate, settings.eval_batch_size)
-        model = method.begin_task(model, TaskData(task, classes, batches))
+        model = method.begin_task(model, TaskData(task, classes, batches, num_tasks))
         if cache is not None:
             cache.refresh(model)
         before = None
@@ -291,6 +306,7 @@ def run_sequence(
         "train_seconds": progress.train_seconds,
         "trainable_parameters": progress.trainable_parameters,
         "stored_adapter_parameters": method.stored_parameters(model),
+        "stored_parameters_by_kind": method.stored_by_kind(model),
         "magnitudes": magnitudes if any(m is not None for m in magnitudes) else None,
         "head_statistics": head.stored_statistics(),
         "prefix_cache": cache.describe() if cache is not None else {"used": False, "reason": "turned off"},

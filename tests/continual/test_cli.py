@@ -178,3 +178,30 @@ def test_processes_holding_different_models_are_stopped():
     other.bias.data.copy_(model.bias.data)
     with pytest.raises(RuntimeError, match=r"differ after task 1: 1 tensors, e.g. \['weight'\]"):
         checkpoint.check_ranks_agree(OtherProcessHolds(other), model, "after task 1")
+
+
+def test_paper_protocol_presets_the_options_and_keeps_steps_per_class(tmp_path):
+    args = cli.parse_args(["--protocol", "paper", "--epochs", "3"])
+    assert (args.head, args.optimizer, args.lr, args.head_lr, args.augment) == ("linear", "sgd", 1e-2, 1e-2, True)
+    assert (args.epochs, args.batch_size, args.protocol_overrides) == (3, 128, ["epochs"])  # given options win
+    assert cli.parse_args(["--protocol", "paper-adam"]).optimizer == "adamw"
+    # digits has at least 139 training images a class; with 20 kept the batch shrinks to keep the steps per class
+    output = tmp_path / "out"
+    tiny = ["--model", "tiny-dinov2", "--dataset", "digits", "--image-size", "32", "--max-test-per-class", "10"]
+    cli.main([*tiny, "--protocol", "paper", "--epochs", "1", "--num-tasks", "2", "--methods", "sdlora",
+              "--max-train-per-class", "20", "--output", str(output)])  # fmt: skip
+    results = json.loads((output / "results.json").read_text())
+    config = json.loads((output / "config.json").read_text())
+    assert config["batch_size"] == 18 and config["optimizer"] == "sgd"
+    run = results["methods"]["sdlora"]["runs"][0]
+    assert run["head"] == "linear" and len(run["train_accuracy"]) == 2
+    assert all(0 <= accuracy <= 100 for accuracy in run["train_accuracy"])
+
+
+def test_first_session_adaptation_trains_the_adapter_on_the_first_task_only(tmp_path):
+    results = run_cli(tmp_path, "--num-tasks", "3", "--methods", "sdlora-fsa@lda,sdlora@lda", "--lr", "1e-2")
+    fsa, sdlora = (results["methods"][name]["runs"][0] for name in ("sdlora-fsa@lda", "sdlora@lda"))
+    assert fsa["prefix_cache"]["used"] and fsa["prefix_cache"]["frozen_blocks"] == 2  # all frozen after task 1
+    assert sdlora["prefix_cache"]["frozen_blocks"] == 0
+    assert fsa["magnitudes"] == [fsa["magnitudes"][0]] * 3  # nothing of the adapter moves after task 1
+    assert fsa["stored_adapter_parameters"] < sdlora["stored_adapter_parameters"]

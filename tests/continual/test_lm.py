@@ -122,7 +122,7 @@ def test_resume_after_a_task_is_bit_identical(sdlora_run, tmp_path, monkeypatch)
     assert {k: v for k, v in record.items() if k not in drop} == {k: v for k, v in expected.items() if k not in drop}
 
 
-@pytest.mark.parametrize("method", ["lora-seq", "lora-merge", "joint", "sdlora-kd"])
+@pytest.mark.parametrize("method", ["lora-seq", "lora-merge", "olora", "joint", "sdlora-kd"])
 def test_peers_run_the_same_sequence(method):
     model, record = run(method)
     rows = 1 if method == "joint" else 2

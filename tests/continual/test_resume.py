@@ -13,11 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdlora_peft.continual import checkpoint, cli, runs, train
+from sdlora_peft.continual import checkpoint, cli, train
 
 # sdlora: SD-LoRA's task history and the aligned head's Gaussians; lora-merge: weights merged into the backbone and
-# class means; ablation-fixed: gradient hooks set again; linear: a plain classifier, cosine-wrapped
-METHODS = ["sdlora", "lora-merge@ncm", "ablation-fixed", "linear@cosine"]
+# class means; ablation-fixed: gradient hooks set again; linear: a plain classifier, cosine-wrapped; inflora: folded
+# weights and the subspace memory; olora: one PEFT adapter per task; sdlora-fsa: its adapter frozen again, LDA's sums
+METHODS = ["sdlora", "lora-merge@ncm", "ablation-fixed", "linear@cosine", "inflora", "olora", "sdlora-fsa@lda"]
 ARGS = ["--model", "tiny-dinov2", "--dataset", "digits", "--image-size", "16", "--epochs", "1", "--batch-size", "16",
         "--num-tasks", "3", "--max-train-per-class", "12", "--max-test-per-class", "6", "--augment"]  # fmt: skip
 
@@ -29,7 +30,7 @@ def one_thread_no_plots():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runs, "write_plots", lambda results, output: None)
+        patch.setattr(cli, "write_plots", lambda results, output: None)
         yield
     torch.set_num_threads(threads)
 
@@ -47,14 +48,21 @@ def assert_same_results(output, reference, methods=METHODS) -> None:
     results, expected = (json.loads((out / "results.json").read_text()) for out in (output, reference))
     for name in methods:
         run, expected_run = results["methods"][name]["runs"][0], expected["methods"][name]["runs"][0]
-        for key in ("accuracy_matrix", "magnitudes", "task_aware_final_accuracy", "head_statistics"):
+        for key in (
+            "accuracy_matrix",
+            "magnitudes",
+            "task_aware_final_accuracy",
+            "head_statistics",
+            "stored_parameters_by_kind",
+        ):
             assert run[key] == expected_run[key], (name, key)
-        adapters = [out / "adapters" / name / "seed_0" / "adapter_model.safetensors" for out in (output, reference)]
-        assert adapters[0].exists() == adapters[1].exists() == (name != "linear@cosine")  # linear: no PEFT model
-        if adapters[0].exists():
-            tensors, expected_tensors = map(load_file, adapters)
+        folders = [out / "adapters" / name / "seed_0" for out in (output, reference)]
+        files = [sorted(path.relative_to(folder) for path in folder.rglob("*.safetensors")) for folder in folders]
+        assert files[0] == files[1] and bool(files[0]) == (name != "linear@cosine")  # linear: no PEFT model
+        for file in files[0]:  # every task's adapter for olora
+            tensors, expected_tensors = (load_file(folder / file) for folder in folders)
             assert tensors.keys() == expected_tensors.keys()
-            assert all(torch.equal(tensors[key], expected_tensors[key]) for key in tensors), name
+            assert all(torch.equal(tensors[key], expected_tensors[key]) for key in tensors), (name, file)
     assert not any(path.is_dir() for path in (output / "checkpoints").rglob("*seed_*"))
 
 
@@ -67,7 +75,10 @@ class Stop(Exception):
     [
         ("sdlora,lora-merge@ncm", "lora-merge@ncm", 2),  # the finished sdlora run is not run again
         ("ablation-fixed", "ablation-fixed", 1),
+        ("sdlora-fsa@lda", "sdlora-fsa@lda", 2),  # its adapter frozen again after the restore; LDA's sums back
         ("linear@cosine", "linear@cosine", 3),  # stopped after its last task: only the results are left to write
+        ("inflora,olora", "inflora", 2),  # the memory of two tasks, the third designed from it
+        ("olora", "olora", 1),  # task 2's adapter joins the restored one
     ],
 )
 def test_stopped_run_resumes_to_the_uninterrupted_results(reference, tmp_path, monkeypatch, methods, method, task):
@@ -89,13 +100,14 @@ def test_stopped_run_resumes_to_the_uninterrupted_results(reference, tmp_path, m
     assert_same_results(output, reference, methods.split(","))
 
 
-def test_killed_process_resumes_to_the_uninterrupted_results(reference, tmp_path):
-    """The real command, killed (SIGKILL) while it learns SD-LoRA's second task, then resumed."""
+@pytest.mark.parametrize("method", ["sdlora", "inflora"])
+def test_killed_process_resumes_to_the_uninterrupted_results(reference, tmp_path, method):
+    """The real command, killed (SIGKILL) while it learns the method's second task, then resumed."""
     output, log = tmp_path / "out", tmp_path / "log.txt"
-    command = [sys.executable, "-m", "sdlora_peft.continual.cli", *ARGS, "--methods", "sdlora", "--output", output]
+    command = [sys.executable, "-m", "sdlora_peft.continual.cli", *ARGS, "--methods", method, "--output", output]
     with open(log, "wb") as stderr:
         process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=stderr)
-        state = output / "checkpoints" / "sdlora" / "seed_0"
+        state = output / "checkpoints" / method / "seed_0"
         deadline = time.monotonic() + 300
         while not (state / "task_1").is_dir() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -105,7 +117,7 @@ def test_killed_process_resumes_to_the_uninterrupted_results(reference, tmp_path
     assert checkpoint.latest_checkpoint(state).name in ("task_1", "task_2")  # killed in the second task (or the third)
     assert not (output / "results.json").exists()
     cli.main(["--resume", str(output)])
-    assert_same_results(output, reference, ["sdlora"])
+    assert_same_results(output, reference, [method])
 
 
 def test_resume_keeps_the_saved_options(reference):

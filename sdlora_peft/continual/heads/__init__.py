@@ -25,7 +25,14 @@ from collections.abc import Callable
 
 from .aligned import AlignedHead
 from .base import Head
-from .classifier import CLASSIFIER_NAMES, CosineClassifier, classifier_linear, classifier_path, unwrap
+from .classifier import (
+    CLASSIFIER_NAMES,
+    CosineClassifier,
+    classifier_linear,
+    classifier_path,
+    find_classifier,
+    unwrap,
+)
 from .cosine import CosineHead
 from .lda import LDAHead
 from .prototypes import ClassMeanHead
@@ -65,6 +72,7 @@ __all__ = [
     "RanPACHead",
     "classifier_linear",
     "classifier_path",
+    "find_classifier",
     "make_head",
     "unwrap",
 ]

@@ -11,12 +11,18 @@ from torch.nn import functional as F
 CLASSIFIER_NAMES = ("classifier", "score", "head", "fc")
 
 
-def classifier_path(model: nn.Module) -> str:
-    """Dotted name of the model's classification layer (`classifier` for ViT, DINOv2, BERT; `score` for Llama)."""
+def find_classifier(model: nn.Module) -> str | None:
+    """Dotted name of the model's classification layer (`classifier` for ViT, DINOv2, BERT; `score` for Llama), or
+    None for a model without one (a causal language model)."""
     names = dict(model.named_modules())
-    for name in CLASSIFIER_NAMES:
-        if name in names:
-            return name
+    return next((name for name in CLASSIFIER_NAMES if name in names), None)
+
+
+def classifier_path(model: nn.Module) -> str:
+    """Dotted name of the model's classification layer, which it must have."""
+    name = find_classifier(model)
+    if name is not None:
+        return name
     raise ValueError(
         f"Cannot find the classification layer of {type(model).__name__}: expected a module named one of "
         f"{list(CLASSIFIER_NAMES)}. Use a transformers *ForImageClassification / *ForSequenceClassification model."

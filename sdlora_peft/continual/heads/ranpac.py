@@ -15,6 +15,7 @@ from torch import nn
 from .base import Head
 
 RIDGES = tuple(10.0**k for k in range(-8, 14))
+RIDGE_SAMPLES = 2000  # at most this many of a task's samples choose its ridge (one thin SVD of them)
 
 
 class RanPACHead(Head):
@@ -31,30 +32,31 @@ class RanPACHead(Head):
         self._projection: torch.Tensor | None = None
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """`relu(x W)` in float64, with `W` drawn once from the seed (so a checkpoint need not store it)."""
-        features = features.double()
+        """`relu(x W)` in float32, with `W` drawn once from the seed (so a checkpoint need not store it)."""
+        features = features.float()
         if self._projection is None or self._projection.shape[0] != features.shape[1]:
             generator = torch.Generator().manual_seed(self.seed)
             shape = (features.shape[1], self.projection_dim)
-            self._projection = torch.randn(shape, generator=generator, dtype=torch.float64)
+            self._projection = torch.randn(shape, generator=generator)
         return torch.relu(features @ self._projection)
 
     @torch.no_grad()
     def end_task(self, model: nn.Module, features: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> None:
         hidden = self.project(features)
-        gram = hidden.T @ hidden
+        gram = (hidden.T @ hidden).double()  # accumulated in float64: the solve needs it
         self.gram = gram if self.gram is None else self.gram + gram
         for label in classes:
-            self.class_sums[label] = hidden[labels == label].sum(0)
+            self.class_sums[label] = hidden[labels == label].double().sum(0)
         self.ridge = torch.tensor(self._select_ridge(hidden, labels), dtype=torch.float64)
         self._weights = None
 
     def _select_ridge(self, hidden: torch.Tensor, labels: torch.Tensor) -> float:
-        """The ridge with the least held-out squared error when fitting 80% of this task's samples (a seeded split;
-        one thin SVD serves every candidate)."""
+        """The ridge with the least held-out squared error when fitting 80% of this task's samples (a seeded split
+        of at most `RIDGE_SAMPLES` of them; one thin SVD serves every candidate)."""
         seen = sorted(self.class_sums)
-        targets = (labels.unsqueeze(1) == torch.tensor(seen).unsqueeze(0)).double()
+        targets = (labels.unsqueeze(1) == torch.tensor(seen).unsqueeze(0)).float()
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed + len(seen)))
+        order = order[:RIDGE_SAMPLES]
         cut = int(0.8 * len(order))
         fit, held = order[:cut], order[cut:]
         if len(held) == 0:
@@ -73,18 +75,21 @@ class RanPACHead(Head):
     def scores(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         labels, weights = self._output_weights()
         scores = torch.full_like(logits, float("-inf"), dtype=torch.float32)
-        scores[:, labels] = (self.project(features) @ weights).float()
+        scores[:, labels] = self.project(features) @ weights
         return scores
 
     def _output_weights(self) -> tuple[list[int], torch.Tensor]:
-        """`(classes, (G + lambda I)^-1 C)`, solved once after each task (a Cholesky factorisation: G is PSD)."""
+        """`(classes, (G + lambda I)^-1 C)`, solved in float64 once after each task (Cholesky: G + lambda I is
+        positive definite; should rounding make it fail at a tiny ridge, a general solve takes over)."""
         if self._weights is None:
             if self.gram is None:
                 raise ValueError("The RanPAC head has no classes yet: call end_task first.")
             labels = sorted(self.class_sums)
             sums = torch.stack([self.class_sums[label] for label in labels], dim=1)
             regularised = self.gram + float(self.ridge) * torch.eye(len(self.gram), dtype=self.gram.dtype)
-            self._weights = (labels, torch.cholesky_solve(sums, torch.linalg.cholesky(regularised)))
+            factor, info = torch.linalg.cholesky_ex(regularised)
+            solved = torch.cholesky_solve(sums, factor) if info == 0 else torch.linalg.solve(regularised, sums)
+            self._weights = (labels, solved.float())
         return self._weights
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:

@@ -26,7 +26,7 @@ from ..train import TrainSettings
 from .loop import run_lm_sequence
 from .tasks import ZOO_TASK_NAMES, load_task
 
-LM_METHOD_NAMES = ("sdlora", "sdlora-rr", "sdlora-kd", "lora-seq", "lora-merge", "zero-shot", "joint")
+LM_METHOD_NAMES = ("sdlora", "sdlora-rr", "sdlora-kd", "lora-seq", "lora-merge", "olora", "zero-shot", "joint")
 
 
 def make_lm_method(name: str, options: AdapterOptions) -> Method:

@@ -117,7 +117,7 @@ def run_lm_sequence(
     for stage in range(progress.tasks_done, len(stages)):
         name = f"{method.name} task {stage + 1}/{len(stages)}"
         batches = partial(task_batches, accelerator, stages[stage], collate, settings.eval_batch_size)
-        model = method.begin_task(model, TaskData(stage, [], batches))
+        model = method.begin_task(model, TaskData(stage, [], batches, len(stages)))
         if cache is not None:
             cache.refresh(model)
         losses: list[float] = []

@@ -10,15 +10,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .base import AdapterOptions, Frozen, Method, PeftMethod, TaskData
+from .inflora import InfLoRA
 from .lora import MergedLoRA, SequentialLoRA
-from .sdlora import SDLoRA, SDLoRAAblation
+from .olora import OLoRA
+from .sdlora import FirstSessionSDLoRA, SDLoRA, SDLoRAAblation
 
 METHODS: dict[str, Callable[[AdapterOptions], Method]] = {
     "sdlora": SDLoRA,
     "sdlora-rr": lambda options: SDLoRA(options, "sdlora-rr", rank_schedule="rr"),
     "sdlora-kd": lambda options: SDLoRA(options, "sdlora-kd", kd_threshold=9e-4),
+    "sdlora-fsa": FirstSessionSDLoRA,
     "lora-seq": SequentialLoRA,
     "lora-merge": MergedLoRA,
+    "inflora": InfLoRA,
+    "olora": OLoRA,
     "ncm": Frozen,
     "linear": Method,
     "joint": lambda options: SequentialLoRA(options, "joint"),
@@ -40,9 +45,12 @@ __all__ = [
     "METHODS",
     "METHOD_NAMES",
     "AdapterOptions",
+    "FirstSessionSDLoRA",
     "Frozen",
+    "InfLoRA",
     "Method",
     "MergedLoRA",
+    "OLoRA",
     "PeftMethod",
     "SDLoRA",
     "SDLoRAAblation",

@@ -30,23 +30,21 @@ class AdapterOptions:
     layers_to_transform: list[int] | None = None
     sdlora: dict = field(default_factory=dict)  # extra SDLoraConfig fields (magnitude_sharing, freeze_scale, ...)
     task_type: str | None = None  # PEFT's task type; "CAUSAL_LM": a language model, no classification layer
-
-
-def trained_modules(model: nn.Module, options: AdapterOptions) -> list[str] | None:
-    """What trains and is saved besides the adapters: the classification layer, or nothing for a causal language
-    model, whose output layer (often tied to the input embeddings) stays frozen."""
-    return None if options.task_type == "CAUSAL_LM" else [classifier_path(model)]
+    olora_lambdas: tuple[float, float] = (0.5, 0.0)  # O-LoRA's orthogonality and L2 weights (the paper's 0.5, 0)
+    inflora_thresholds: tuple[float, float] = (0.95, 1.0)  # InfLoRA's DualGPM energy threshold, first task to beyond
 
 
 @dataclass
 class TaskData:
     """What a method may look at around a task: its index, its classes (empty for a generative task), and its
     training samples as model-ready batches (the evaluation preprocessing, no augmentation, labels removed, on the
-    model's device)."""
+    model's device; on several processes each gets its share). `num_tasks` is the length of the sequence (InfLoRA's
+    schedule depends on it)."""
 
     index: int
     classes: list[int]
     batches: Callable[[], Iterator[dict[str, torch.Tensor]]]
+    num_tasks: int
 
 
 class Method:
@@ -88,6 +86,11 @@ class Method:
     def stored_parameters(self, model: nn.Module) -> int:
         """Parameters stored beyond the pretrained backbone and the classification layer."""
         return 0
+
+    def stored_by_kind(self, model: nn.Module) -> dict[str, int]:
+        """`stored_parameters` by what they are: adapter weights, and what else a method keeps (InfLoRA's subspace
+        memory)."""
+        return {"adapter": self.stored_parameters(model)}
 
     def save(self, model: nn.Module, directory: Path) -> None:
         """Write what `restore` needs to rebuild `model` as it is between two tasks: here its trainable tensors."""

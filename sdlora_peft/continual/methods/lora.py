@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
+import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from ...model import DEFAULT_TARGET_MODULES
-from .base import AdapterOptions, PeftMethod, as_peft, load_tensors, trained_modules
+from ..heads import find_classifier
+from .base import AdapterOptions, PeftMethod, as_peft, load_tensors
+
+
+def saved_modules(model: nn.Module) -> list[str] | None:
+    """`modules_to_save` of a LoRA method: the classification layer, which trains with every task, if the model has
+    one; nothing for a model without (a causal language model, whose output layer stays frozen)."""
+    classifier = find_classifier(model)
+    return None if classifier is None else [classifier]
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The model's PEFT LoRA layers (the adapted projections), by name."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, cast(nn.Module, module)
+
+
+def lora_factors(layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The down-projection A (r x in) and up-projection B (out x r) of one adapter of a LoRA layer."""
+    down = cast(nn.ModuleDict, layer.lora_A)[adapter]
+    up = cast(nn.ModuleDict, layer.lora_B)[adapter]
+    return cast(nn.Linear, down).weight, cast(nn.Linear, up).weight
 
 
 class SequentialLoRA(PeftMethod):
@@ -31,7 +56,7 @@ class SequentialLoRA(PeftMethod):
             target_modules=self.options.target_modules
             or DEFAULT_TARGET_MODULES.get(cast(PreTrainedModel, model).config.model_type),
             layers_to_transform=self.options.layers_to_transform,
-            modules_to_save=trained_modules(model, self.options),
+            modules_to_save=saved_modules(model),
             task_type=self.options.task_type,
         )
 

@@ -10,7 +10,8 @@ from peft import get_peft_model
 from torch import nn
 
 from ... import SDLoraConfig, SDLoraLayer
-from .base import AdapterOptions, PeftMethod, as_peft, trained_modules
+from .base import AdapterOptions, PeftMethod, as_peft
+from .lora import saved_modules
 
 
 def sdlora_config(model: nn.Module) -> SDLoraConfig:
@@ -29,7 +30,7 @@ class SDLoRA(PeftMethod):
             r=self.options.r,
             target_modules=self.options.target_modules,
             layers_to_transform=self.options.layers_to_transform,
-            modules_to_save=trained_modules(model, self.options),
+            modules_to_save=saved_modules(model),
             task_type=self.options.task_type,
             **{**self.options.sdlora, **self.variant},
         )
@@ -93,3 +94,29 @@ class SDLoRAAblation(SDLoRA):
                 only_current[-1] = 1
                 parameter.register_hook(lambda grad, mask=only_current: grad * mask)
         return model
+
+
+class FirstSessionSDLoRA(SDLoRA):
+    """First-session adaptation (as in RanPAC and APER): SD-LoRA learns the first task, then the backbone stays as it
+    is, so that class statistics taken later never go stale; only the head keeps learning. On the first task SD-LoRA
+    is a LoRA with one magnitude, so this is what any LoRA adapted once would give."""
+
+    def __init__(self, options: AdapterOptions) -> None:
+        super().__init__(options, "sdlora-fsa")
+
+    def end_task(self, model: nn.Module, is_last: bool) -> nn.Module:
+        if sdlora_config(model).current_task > 0:
+            return model
+        as_peft(model).advance_task()
+        return _freeze_adapter(model)
+
+    def restore(self, model: nn.Module, directory: Path) -> nn.Module:
+        model = super().restore(model, directory)
+        return _freeze_adapter(model) if sdlora_config(model).current_task > 0 else model
+
+
+def _freeze_adapter(model: nn.Module) -> nn.Module:
+    for name, parameter in model.named_parameters():
+        if "sdlora_" in name:
+            parameter.requires_grad_(False)
+    return model
