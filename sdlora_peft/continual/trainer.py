@@ -1,10 +1,14 @@
-"""Class-incremental task sequences with transformers' `Trainer`.
+"""Continual task sequences with transformers' `Trainer`: class-incremental classifiers and causal LMs.
 
 `ContinualTrainer` is a `Trainer` that learns a list of tasks one after the other:
 
     trainer = ContinualTrainer(model=peft_model, args=TrainingArguments("out", max_steps=100))
     trainer.train_tasks([task_0, task_1, task_2])             # one datasets.Dataset per task
     trainer.train_tasks(tasks, resume_from_checkpoint=True)   # after a crash: continue where it stopped
+
+A causal language model (``task_type="CAUSAL_LM"``, or a ``*ForCausalLM`` base model) learns tasks of
+``prompt``/``target`` pairs, tokenized with ``processing_class``: the loss is on the target tokens only (the prompt's
+labels are -100) and no class logits are masked.
 
 Why a `Trainer` subclass and not a `TrainerCallback`: a callback sees the optimizer and the data but cannot replace
 them, while a task sequence has to swap the training set, rebuild the optimizer and scheduler for the new trainable
@@ -21,6 +25,7 @@ Layout of `args.output_dir`, one folder per task (0-based, as `TaskRecord.task`)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -32,10 +37,12 @@ import torch
 from datasets import Dataset
 from peft import PeftModel
 from torch import nn
-from transformers import Trainer
+from transformers import PreTrainedTokenizerBase, Trainer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_utils import TrainOutput, enable_full_determinism, get_last_checkpoint, set_seed
 
 from .. import SDLoraConfig
+from .lm.encode import CausalLMCollator, encode_pairs
 from .train import masked_cross_entropy
 
 TASK_STATE_NAME = "task_state.json"
@@ -55,6 +62,24 @@ def active_config(model: nn.Module | None) -> SDLoraConfig:
     return config
 
 
+def is_causal_lm(model: PeftModel) -> bool:
+    """Whether the model learns generative tasks: its adapter says CAUSAL_LM, or its base is a ``*ForCausalLM``."""
+    base = model.get_base_model()
+    return active_config(model).task_type == "CAUSAL_LM" or type(base).__name__ in set(
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    )
+
+
+def pairs_digest(dataset: Dataset) -> str:
+    """A short digest of a task's prompt/target pairs (or token ids), so that a resumed run checks it goes on with
+    the same tasks."""
+    columns = [c for c in ("prompt", "target", "input_ids", "labels") if c in dataset.column_names]
+    digest = hashlib.blake2b(digest_size=8)
+    for column in columns:
+        digest.update(json.dumps(list(dataset[column])).encode())
+    return digest.hexdigest()
+
+
 class ContinualTrainer(Trainer):
     """A `Trainer` for a sequence of class-incremental tasks on an SD-LoRA `PeftModel`.
 
@@ -64,25 +89,37 @@ class ContinualTrainer(Trainer):
     entry carries the current magnitudes as `sdlora/magnitude/task_k`, so they reach the reporters of `report_to`
     and every callback's `on_log`. Evaluation losses use every class seen so far.
 
+    A causal LM's tasks are datasets of ``prompt``/``target`` pairs (or already tokenized ``input_ids``/``labels``):
+    each is tokenized with ``processing_class`` (`prepare_task_dataset`), batches are left-padded
+    (`lm.encode.CausalLMCollator`, unless a ``data_collator`` is given) and the loss is the model's own, on the target
+    tokens.
+
     Each task starts from the seed `args.seed + t`, so a sequence resumed in a new process draws the same random
     numbers (new directions, shuffling, dropout) as an uninterrupted one. `args.max_steps` / `num_train_epochs` are
     per task. Pass optimizer settings through `optimizer_cls_and_kwargs` or `args`, not as optimizer instances:
     the trainable parameters are new objects at every task.
     """
 
-    loss_is_scaled_for_ga = False  # masked_cross_entropy is a per-batch mean
+    lm_collator = True  # a causal LM without a data_collator gets `CausalLMCollator`
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         active_config(self.model)  # fails early for a model without an active SD-LoRA adapter
+        self.causal_lm = is_causal_lm(self.peft_model)
+        # masked_cross_entropy is a per-batch mean; a causal LM's own loss follows Trainer's rule
+        self.loss_is_scaled_for_ga = None if self.causal_lm else False
+        if self.causal_lm and self.lm_collator and kwargs.get("data_collator") is None:
+            if self.processing_class is None:
+                raise ValueError("A causal LM's tasks are prompt/target pairs: pass processing_class=tokenizer.")
+            self.data_collator = CausalLMCollator(cast(PreTrainedTokenizerBase, self.processing_class).pad_token_id)
         if self.optimizer is not None or self.lr_scheduler is not None:
             raise ValueError(
                 "ContinualTrainer builds a new optimizer for each task (the trainable parameters change); pass "
                 "`optimizer_cls_and_kwargs=(cls, kwargs)` instead of `optimizers=(optimizer, scheduler)`."
             )
         self.task: int | None = None
-        self.task_classes: list[int] = []
-        self.seen_classes: list[int] = []
+        self.task_classes: list[int | str] = []  # a causal LM's task: the digest of its pairs
+        self.seen_classes: list[int | str] = []
 
     def train_tasks(
         self,
@@ -95,12 +132,18 @@ class ContinualTrainer(Trainer):
         Args:
             tasks: One training set per task; `tasks[t]` is task t.
             task_classes: The classes of each task. Default: the distinct values of each dataset's `labels` or
-                `label` column.
+                `label` column. Not used for a causal LM.
             resume_from_checkpoint: `True` continues after the last checkpoint in `args.output_dir` (a finished
                 task's folder, or a later Trainer checkpoint inside the next task's folder); a path names one of
                 those folders. The model passed to the trainer is rebuilt from it, so it can be a fresh one.
         """
-        classes = [list(c) for c in task_classes] if task_classes is not None else [_classes(t) for t in tasks]
+        classes: list[list[int | str]]
+        if self.causal_lm:
+            classes = [[pairs_digest(t)] for t in tasks]  # what a resumed run checks: the same pairs
+        elif task_classes is not None:
+            classes = [list(c) for c in task_classes]
+        else:
+            classes = [list(_classes(t)) for t in tasks]
         if len(classes) != len(tasks):
             raise ValueError(f"Got {len(tasks)} tasks but classes for {len(classes)}.")
         start, checkpoint = 0, None
@@ -116,7 +159,7 @@ class ContinualTrainer(Trainer):
         return outputs
 
     def _train_task(
-        self, task: int, dataset: Dataset, classes: list[list[int]], checkpoint: str | None
+        self, task: int, dataset: Dataset, classes: list[list[int | str]], checkpoint: str | None
     ) -> TrainOutput:
         self._seed(task)
         config = active_config(self.model)
@@ -129,12 +172,20 @@ class ContinualTrainer(Trainer):
             )
         self.task, self.task_classes = task, classes[task]
         self.seen_classes = [c for task_classes in classes[: task + 1] for c in task_classes]
-        self.train_dataset = dataset
+        self.train_dataset = self.prepare_task_dataset(dataset)
         # train() builds the optimizer, the scheduler and any DDP wrapper again, for the new trainable set
         self.optimizer, self.lr_scheduler, self.model_wrapped = None, None, self.peft_model
         output = self.train(resume_from_checkpoint=checkpoint)
         self._save_task(task)
         return output
+
+    def prepare_task_dataset(self, dataset: Dataset) -> Dataset:
+        """A task's training set as the model reads it: a causal LM's prompt/target pairs become token ids with the
+        labels of the prompt at -100; anything else is used as given. A subclass (e.g. for TRL's SFTTrainer) may
+        prepare it its own way."""
+        if self.causal_lm and {"prompt", "target"} <= set(dataset.column_names):
+            return encode_pairs(dataset, self.processing_class)
+        return dataset
 
     def _seed(self, task: int) -> None:
         seed = self.args.seed + task
@@ -154,7 +205,7 @@ class ContinualTrainer(Trainer):
             (folder / TASK_STATE_NAME).write_text(json.dumps(state, indent=2))
             self.state.save_to_json(str(folder / "trainer_state.json"))
 
-    def _resume(self, checkpoint: str | os.PathLike | bool, classes: list[list[int]]) -> str:
+    def _resume(self, checkpoint: str | os.PathLike | bool, classes: list[list[int | str]]) -> str:
         """Rebuild the model from `checkpoint` (found in `output_dir` for `True`) and return its folder."""
         folder = _last_checkpoint(str(self.args.output_dir)) if checkpoint is True else str(checkpoint)
         if folder is None:
@@ -162,6 +213,11 @@ class ContinualTrainer(Trainer):
         if _is_task_folder(folder):
             state = json.loads(Path(folder, TASK_STATE_NAME).read_text())
             now = classes[state["task"]] if state["task"] < len(classes) else None
+            if state["classes"] != now and self.causal_lm:
+                raise ValueError(
+                    f"{folder} was trained on other prompt/target pairs than task {state['task']} has now: pass the "
+                    "same task sequence to resume."
+                )
             if state["classes"] != now:
                 raise ValueError(
                     f"{folder} was trained on classes {state['classes']}, but task {state['task']} now has classes "
@@ -185,7 +241,10 @@ class ContinualTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, object]:
-        """Cross-entropy over the current task's classes while training, over all seen classes when evaluating."""
+        """Cross-entropy over the current task's classes while training, over all seen classes when evaluating; a
+        causal LM's own loss (on its target tokens)."""
+        if self.causal_lm:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         outputs = model(**inputs)

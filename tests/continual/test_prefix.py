@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from datasets import ClassLabel, Dataset, Features, Value
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
-from sdlora_peft.continual import zoo
+from sdlora_peft.continual import prefix, zoo
 from sdlora_peft.continual.data import ImageCollator, TaskSplit, TextCollator, split_dataset
 from sdlora_peft.continual.heads import make_head
 from sdlora_peft.continual.methods import AdapterOptions, make_method
@@ -117,6 +117,7 @@ def test_a_cached_run_equals_the_uncached_run_on_images():
 
 
 def test_runs_on_copies_of_one_backbone_share_the_cached_states():
+    prefix._STORE.clear()  # what earlier tests of this process cached
     split, train_sets, collate = text_tasks()
     model = tiny_bert(0.0)
     calls = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import AdapterOptions, FrozenNCM, Method, PeftMethod, TaskData
+from .base import AdapterOptions, Frozen, Method, PeftMethod, TaskData
 from .inflora import InfLoRA
 from .lora import MergedLoRA, SequentialLoRA
 from .olora import OLoRA
@@ -24,7 +24,7 @@ METHODS: dict[str, Callable[[AdapterOptions], Method]] = {
     "lora-merge": MergedLoRA,
     "inflora": InfLoRA,
     "olora": OLoRA,
-    "ncm": FrozenNCM,
+    "ncm": Frozen,
     "linear": Method,
     "joint": lambda options: SequentialLoRA(options, "joint"),
     "ablation-single": lambda options: SDLoRAAblation(options, "single"),
@@ -46,7 +46,7 @@ __all__ = [
     "METHOD_NAMES",
     "AdapterOptions",
     "FirstSessionSDLoRA",
-    "FrozenNCM",
+    "Frozen",
     "InfLoRA",
     "Method",
     "MergedLoRA",

