@@ -125,9 +125,10 @@ def test_global_magnitudes_are_one_tensor_shared_by_all_layers():
     assert trainable == ["base_model.sdlora_magnitude.default"]
 
 
+@pytest.mark.parametrize("path", ["lowrank", "fold"])
 @pytest.mark.parametrize("sharing", SHARINGS)
-def test_fused_forward_matches_dense_math(case, sharing):
-    base, model = make_peft(case, rank_schedule=[3, 1, 2], magnitude_sharing=sharing)
+def test_fused_forward_matches_dense_math(case, sharing, path):
+    base, model = make_peft(case, rank_schedule=[3, 1, 2], magnitude_sharing=sharing, frozen_path=path)
     inputs = case.inputs()
     run_tasks(model, inputs, 3)
     train_steps(model, inputs)
@@ -135,15 +136,17 @@ def test_fused_forward_matches_dense_math(case, sharing):
 
 
 def assert_matches_dense_math(model, base: nn.Module, inputs) -> None:
-    """The fused low-rank path (training) and the cached weight (inference) both compute the per-task sum."""
+    """The training path (low-rank or fold, as configured) and the cached weight (inference) both compute the
+    per-task sum."""
     expected = dense_reference(model, base, inputs)
     assert torch.allclose(low_rank_output(model, inputs), expected, atol=1e-5)
     assert torch.allclose(output(model, inputs), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["lowrank", "fold"])
 @pytest.mark.parametrize("sharing", SHARINGS)
-def test_fused_forward_matches_dense_math_after_an_absorbed_task(sharing):
-    base, model = make_peft(VIT_CASE, r=3, magnitude_sharing=sharing, kd_threshold=9e-4)
+def test_fused_forward_matches_dense_math_after_an_absorbed_task(sharing, path):
+    base, model = make_peft(VIT_CASE, r=3, magnitude_sharing=sharing, kd_threshold=9e-4, frozen_path=path)
     inputs = VIT_CASE.inputs()
     run_tasks(model, inputs, 1)
     put_old_direction(model)
@@ -440,10 +443,11 @@ class _ProductDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def bfloat16_vit_after_two_tasks():
+def bfloat16_vit_after_two_tasks(frozen_path: str = "lowrank"):
     """A bfloat16 ViT whose adapter (float32, PEFT's default) froze two trained rank-7 directions."""
     torch.manual_seed(0)
-    model = get_peft_model(VIT_CASE.build().to(torch.bfloat16), SDLoraConfig(r=7))
+    config = SDLoraConfig(r=7, frozen_path=frozen_path)
+    model = get_peft_model(VIT_CASE.build().to(torch.bfloat16), config)
     inputs = {"pixel_values": VIT_CASE.inputs()["pixel_values"].to(torch.bfloat16)}
     for _ in range(2):
         train_steps(model, inputs, steps=2, lr=0.05, optimizer_cls=torch.optim.SGD)
@@ -480,8 +484,9 @@ def test_task_magnitudes_name_each_kept_task(sharing):
     assert model.task_magnitudes("default") == model.task_magnitudes()
 
 
-def test_no_half_precision_copy_of_the_frozen_factors_waits_for_backward():
-    model, inputs = bfloat16_vit_after_two_tasks()
+@pytest.mark.parametrize("path", ["lowrank", "fold"])
+def test_no_half_precision_copy_of_the_frozen_factors_waits_for_backward(path):
+    model, inputs = bfloat16_vit_after_two_tasks(path)
     layer = sdlora_layers(model)[0]
     factor_shapes = {layer.sdlora_frozen_A["default"].shape, layer.sdlora_frozen_B["default"].shape}
     saved = []
