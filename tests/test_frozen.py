@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 from conftest import CASE_BY_NAME, put_old_direction, sdlora_layers, train_steps
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 from torch.nn import functional as F
 
@@ -303,3 +303,20 @@ def test_recomputation_keeps_only_the_input_the_layer_keeps_anyway(path, dtype, 
         assert bool(projections) == (not recompute and path == "lowrank")
         assert bool(folded_weights) == (not recompute and path == "fold")
         assert len(inputs) == 1, "one copy of the input, the current direction's"
+
+
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
+def test_frozen_factors_are_stored_in_the_adapters_dtype(tmp_path, autocast_adapter_dtype):
+    """A bfloat16 model keeps its frozen directions in float32 under PEFT's default autocast, and in bfloat16 with
+    `autocast_adapter_dtype=False` (half the memory of the method's state), after training and after a load."""
+    expected = torch.float32 if autocast_adapter_dtype else torch.bfloat16
+    model, _ = trained_vit(torch.bfloat16, autocast_adapter_dtype, "global")
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(
+        VIT_CASE.build().to(torch.bfloat16), tmp_path, autocast_adapter_dtype=autocast_adapter_dtype
+    )
+    for adapted in (model, loaded):
+        for layer in sdlora_layers(adapted):
+            assert layer.sdlora_A["default"].dtype == expected
+            for name in ("sdlora_frozen_A", "sdlora_frozen_B", "sdlora_frozen_scale"):
+                assert getattr(layer, name)["default"].dtype == expected, name
