@@ -149,7 +149,7 @@ def task20_strategies(
     recomputation; checked to compute the same function. `sdlora` is the default-config model at task 20."""
     last, tokens = TASK_GRID[-1], settings.tokens(len(batch.labels))
     layer = next(module for module in sdlora.modules() if isinstance(module, SDLoraLayer))
-    other = "lowrank" if frozen.fold_pays(tokens, layer.in_features, layer.out_features) else "fold"
+    other = "lowrank" if frozen.fold_pays(tokens, layer.in_features, layer.out_features, recompute=False) else "fold"
     models = {
         f"sdlora-t{last}{suffix}": with_frozen_path(sdlora, base, "auto", False),
         f"sdlora-t{last}-{other}{suffix}": with_frozen_path(sdlora, base, other, False),

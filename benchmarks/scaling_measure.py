@@ -85,11 +85,10 @@ def timed(settings: Settings, run: Callable[[], None]) -> float:
 
 def measure_resident_bytes(variant: Variant) -> int:
     """Bytes of every tensor the variant keeps between steps: weights (shared ones counted), buffers, optimizer
-    state, the weights that SD-LoRA layers keep folded. Gradients are freed after each step, so they are not
-    resident."""
+    state. Gradients are freed after each step, so they are not resident; SD-LoRA's folded weights are counted in
+    the step (see `prepare`)."""
     tensors = [*variant.model.parameters(), *variant.model.buffers()]
     tensors += [t for state in variant.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-    tensors += [m._folded_weight[1] for m in variant.model.modules() if getattr(m, "_folded_weight", None)]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
 
@@ -152,6 +151,11 @@ def prepare(settings: Settings, variant: Variant, base: nn.Module) -> None:
     for _ in range(2):
         train_step(variant)
     variant.resident_bytes = measure_resident_bytes(variant)
+    # The profiler does not see tensors allocated before it starts being freed: folded weights, which a step
+    # replaces, are freed first so that the step allocates its own (and its peak includes them).
+    for module in variant.model.modules():
+        if getattr(module, "_folded_weight", None) is not None:
+            module._folded_weight = None
     variant.step_bytes = step_peak_bytes(settings, lambda: train_step(variant))
 
 
@@ -169,16 +173,16 @@ def measurements(variants: list[Variant]) -> list[tuple[Variant, str, Callable[[
 
 
 def run_interleaved(settings: Settings, variants: list[Variant]) -> None:
-    """`settings.runs` runs of the whole comparison. Each times every call once per round, rotating the starting
-    point each round, after one untimed warm-up round."""
+    """`settings.runs` runs of the whole comparison, after one untimed warm-up round. Each run times every call once
+    per round, in an order rotated by one call from round to round."""
     calls = measurements(variants)
+    for _, _, call in calls:
+        call()
     for run_index in range(settings.runs):
         for variant in variants:
             variant.runs.append({})
-        for _, _, call in calls:
-            call()
         for round_index in range(settings.repeats):
-            shift = round_index % len(calls)
+            shift = (run_index * settings.repeats + round_index) % len(calls)  # every round starts elsewhere
             for variant, what, call in calls[shift:] + calls[:shift]:
                 variant.runs[-1].setdefault(what, []).append(timed(settings, call))
             print(f"run {run_index + 1}/{settings.runs}: round {round_index + 1}/{settings.repeats}", file=sys.stderr)

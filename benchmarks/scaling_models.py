@@ -139,7 +139,8 @@ def frozen_path_label(model: PeftModel, tokens: int) -> str:
     layer = next(module for module in model.modules() if isinstance(module, SDLoraLayer))
     label = config.frozen_path
     if label == "auto":
-        label += ": fold" if frozen.fold_pays(tokens, layer.in_features, layer.out_features) else ": lowrank"
+        folds = frozen.fold_pays(tokens, layer.in_features, layer.out_features, config.frozen_recompute)
+        label += ": fold" if folds else ": lowrank"
     return label + ("+recompute" if config.frozen_recompute else "")
 
 

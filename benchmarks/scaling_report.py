@@ -144,9 +144,10 @@ TRAINING_NOTES = [
     "time over the reference's in the same run, median over the runs (lowest-highest run).",
     "- frozen path: how the frozen directions ran (`frozen_path`; `auto` names what it chose at this token count); "
     "`+recompute`: `frozen_recompute=True`.",
-    "- resident: tensors kept between steps (weights incl. the base model's, buffers, Adam state, folded weights); "
-    "step: the peak allocated during one train step above its start (CPU: torch.profiler allocation events; CUDA: "
-    "max_memory_allocated); peak = resident + step.",
+    "- resident: tensors kept between steps (weights incl. the base model's, buffers, Adam state); step: the peak "
+    "allocated during one train step above its start (CPU: torch.profiler allocation events; CUDA: "
+    "max_memory_allocated), including the fold's folded weights, which it also keeps from one step to the next; "
+    "peak = resident + step.",
     "- stored: saved tensors beyond the base model (adapter factors, frozen directions, magnitudes, scales).",
 ]
 INFERENCE_NOTES = [

@@ -109,8 +109,9 @@ class SDLoraConfig(PeftConfig):
             cost grows with the tokens. `"fold"`: folded with their current scales into the base weight once per
             optimizer step (`W0 + B_cat diag(s) A_cat`), so the base layer's product applies them; this costs `R x in
             x out` per step and keeps one extra `out x in` weight per adapted layer. `"auto"` folds a layer when its
-            batch has enough tokens for the fold to be the cheaper (about `in * out / (in + out)`). Either way the
-            magnitudes' gradients come from low-rank projections, and the function is the same.
+            batch has enough tokens for the fold to be the cheaper: from `in * out / (in + out)` tokens on with
+            `frozen_recompute`, from twice that without (where the fold keeps its weight for backward). Either way
+            the magnitudes' gradients come from low-rank projections, and the function is the same.
         frozen_recompute (`bool`):
             Keep nothing for the frozen directions' backward pass but the layer's input, which the current direction
             keeps anyway: their tokens x R projection is computed again in backward (and the fold keeps no folded

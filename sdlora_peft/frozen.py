@@ -8,7 +8,7 @@ A layer's frozen directions are concatenated factors `A` (R x in) and `B` (out x
 - fold (`FoldedLinear`): the base layer's own product, with `W0 + B diag(s) A` as its weight. Folding costs
   `R in out` once per step; the scales' gradient still needs `x A^T` and `grad B` (`N R (in + out)`), and the
   input's gradient goes through the folded weight at the base layer's cost. So it pays from about
-  `in out / (in + out)` tokens on (`FOLD_BREAK_EVEN` gives the measured factor).
+  `in out / (in + out)` tokens on (`fold_pays` says where `frozen_path="auto"` folds, and the constants why).
 
 Neither forms a dense gradient of the frozen directions: the scales' gradient is `sum over tokens of (grad B) *
 (x A^T)`, N x R products only.
@@ -28,16 +28,20 @@ import torch
 from torch.nn import functional as F
 
 FOLD_BREAK_EVEN = 1.0
-"""`frozen_path="auto"` folds from `tokens * (in + out) >= FOLD_BREAK_EVEN * in * out` on: the operation count.
-Measured per layer on a CPU core (forward and backward, 768 x 768 at R = 40 and 190, 768 x 3072, 3072 x 768), the
-two paths cost the same at 0.75-1.0 of the count's token number, so from the count on the fold is ahead (by 3-5% of
-the layer's cost there, 10% at twice as many tokens); a little below it, where the gain would be smaller than the
-timing noise, the low-rank path keeps less memory (N x R per layer against the fold's out x in)."""
+"""Tokens from which the fold is the faster path, as a multiple of the operation count's `in * out / (in + out)`.
+Measured per layer on a CPU core (forward and backward; 768 x 768 at R = 40 and 190, 768 x 3072, 3072 x 768), the
+two paths cost the same at 0.75-1.0 of the count; at twice it the fold saves about 10% of the layer's cost."""
+
+KEPT_WEIGHT_MARGIN = 2.0
+"""Without recomputation the fold keeps an `out x in` weight per layer for backward, several times the `tokens x R`
+projection the low-rank path keeps near the break-even, for a saving of a few percent of the layer there (under 1%
+of a ViT-B training step): `auto` then folds from this many times the break-even on."""
 
 
-def fold_pays(tokens: int, in_features: int, out_features: int) -> bool:
-    """Whether folding the frozen directions into the weight is cheaper than the low-rank products for `tokens`."""
-    return tokens * (in_features + out_features) >= FOLD_BREAK_EVEN * in_features * out_features
+def fold_pays(tokens: int, in_features: int, out_features: int, recompute: bool) -> bool:
+    """Whether `frozen_path="auto"` folds a layer's frozen directions for `tokens` (batch x sequence) tokens."""
+    factor = FOLD_BREAK_EVEN if recompute else FOLD_BREAK_EVEN * KEPT_WEIGHT_MARGIN
+    return tokens * (in_features + out_features) >= factor * in_features * out_features
 
 
 def fold(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, column_scales: torch.Tensor) -> torch.Tensor:

@@ -342,9 +342,9 @@ class SDLoraLinear(nn.Module, SDLoraLayer):
             return False
         if type(self.get_base_layer()) not in (nn.Linear, Conv1D):
             return False
-        path = self.sdlora_frozen_path[adapter_names[0]]
+        path, recompute = self.sdlora_frozen_path[adapter_names[0]], self.sdlora_frozen_recompute[adapter_names[0]]
         if path == "auto":
-            return frozen.fold_pays(x.numel() // x.shape[-1], self.in_features, self.out_features)
+            return frozen.fold_pays(x.numel() // x.shape[-1], self.in_features, self.out_features, recompute)
         return path == "fold"
 
     def _folded_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:

@@ -214,10 +214,13 @@ def one_layer_model(dtype: torch.dtype = torch.float32, autocast_adapter_dtype: 
     return model.train()
 
 
-def test_auto_folds_from_the_break_even_token_count_on():
-    model = one_layer_model()
-    break_even = frozen.FOLD_BREAK_EVEN * IN * OUT / (IN + OUT)
-    first_folding = next(tokens for tokens in range(1, 1000) if frozen.fold_pays(tokens, IN, OUT))
+@pytest.mark.parametrize("recompute", [False, True])
+def test_auto_folds_from_the_break_even_token_count_on(recompute):
+    """From the measured break-even on, or, where the fold would keep its weight for backward, from a margin above."""
+    model = use_strategy(one_layer_model(), "auto", recompute)
+    factor = frozen.FOLD_BREAK_EVEN * (1 if recompute else frozen.KEPT_WEIGHT_MARGIN)
+    break_even = factor * IN * OUT / (IN + OUT)
+    first_folding = next(tokens for tokens in range(1, 1000) if frozen.fold_pays(tokens, IN, OUT, recompute))
     assert first_folding - 1 < break_even <= first_folding
     for shape, folds in [
         ((first_folding - 1, IN), False),
@@ -226,7 +229,7 @@ def test_auto_folds_from_the_break_even_token_count_on():
     ]:
         graph = backward_functions(model(torch.randn(*shape)))
         assert ("FoldedLinearBackward" in graph) == folds, shape
-    forced = use_strategy(model, "fold", False)
+    forced = use_strategy(model, "fold", recompute)
     assert "FoldedLinearBackward" in backward_functions(forced(torch.randn(1, IN)))
 
 
