@@ -26,6 +26,7 @@ Usage:
     python benchmarks/bench_scaling.py                  # ViT-B/16 shape, 112 px, batch 8 (and 32), 2 CPU threads
     python benchmarks/bench_scaling.py --runs 5         # five interleaved runs, 3 rounds each: ~15 min on 2 cores
     python benchmarks/bench_scaling.py --quick          # tiny model, 3 rounds: a smoke test
+    python benchmarks/bench_scaling.py --threads 1 --cpu-clock   # on a CPU shared with other work
     python benchmarks/bench_scaling.py --device cuda --dtype bfloat16 --batch-size 128 --image-size 224
 """
 
@@ -118,9 +119,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--plot", type=Path, default=HERE / "scaling.png")
     parser.add_argument("--quick", action="store_true", help="tiny model and 3 rounds: a smoke test")
+    parser.add_argument(
+        "--cpu-clock", action="store_true", help="time CPU time, not wall time (a busy CPU machine; use --threads 1)"
+    )
     args = parser.parse_args(argv)
     if args.runs < 1 or (args.repeats is not None and args.repeats < 1):
         parser.error("--runs and --repeats must be at least 1")
+    if args.cpu_clock and args.device != "cpu":
+        parser.error("--cpu-clock times CPU work: it needs --device cpu")
     return args
 
 
@@ -139,6 +145,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         repeats=pick(args.repeats, max(3, TOTAL_ROUNDS // args.runs), 3),
         rank=args.rank,
         quick=args.quick,
+        cpu_clock=args.cpu_clock,
     )
 
 
@@ -229,6 +236,7 @@ def describe(argv: Sequence[str], settings: Settings, seconds: float) -> list[st
         cpu = platform.processor() or platform.machine()
         machine = f"CPU {cpu}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads"
     load = f", load average at the end {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    clock = "CPU time of the process (--cpu-clock)" if settings.cpu_clock else "wall time"
     return [
         f"- command: `{shlex.join(['python', 'benchmarks/bench_scaling.py', *argv])}`",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
@@ -239,7 +247,7 @@ def describe(argv: Sequence[str], settings: Settings, seconds: float) -> list[st
         f"{settings.image_size} px, {str(settings.dtype).removeprefix('torch.')}, adapters of rank {settings.rank} "
         "on the query and value projections of every block",
         f"- timing: {settings.runs} run(s) of {settings.repeats} rounds; every round times each variant once, "
-        f"round-robin; a run's figure is its median; whole benchmark {seconds:.0f} s",
+        f"round-robin; a run's figure is its median; {clock}; whole benchmark {seconds:.0f} s (wall)",
         "- tasks N: training the N-th task, i.e. N-1 frozen directions plus the current one.",
     ]
 

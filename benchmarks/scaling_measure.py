@@ -32,6 +32,8 @@ class Settings:
     repeats: int
     rank: int
     quick: bool
+    cpu_clock: bool = False  # time.process_time: the process's CPU time, which other processes on the machine
+    # do not stretch (with one torch thread it is the work done; with more it also counts threads waiting for work)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -76,11 +78,12 @@ def inference(model: nn.Module, batch: Batch) -> None:
 
 
 def timed(settings: Settings, run: Callable[[], None]) -> float:
+    clock = time.process_time if settings.cpu_clock else time.perf_counter
     settings.synchronize()
-    start = time.perf_counter()
+    start = clock()
     run()
     settings.synchronize()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def measure_resident_bytes(variant: Variant) -> int:
