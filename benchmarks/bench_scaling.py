@@ -19,8 +19,8 @@ Variants (at the main batch shape):
   trainable adapters in a half-precision model (a reference point for running them in the model's dtype); and
   `lora-bf16-adapters`, `sdlora-t20-bf16-adapters(-recompute)`: adapters stored in bfloat16
   (`autocast_adapter_dtype=False`), whose training ratios refer to `lora-bf16-adapters`.
-With `--large-batch-size B` (default 32), training of `lora` and of task 20's strategies again at batch B: where
-tokens are many, `auto` folds the frozen directions into the weight.
+Then training of `lora` and of task 20's strategies again at `--large-batch-size` (default: 4 x the batch; 0: none):
+where tokens are many, `auto` folds the frozen directions into the weight.
 
 Usage:
     python benchmarks/bench_scaling.py                  # ViT-B/16 shape, 112 px, batch 8 (and 32), 2 CPU threads
@@ -107,7 +107,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 8 (2 with --quick)")
     parser.add_argument(
-        "--large-batch-size", type=int, default=None, help="batch of the many-token point; 0: none. Default: 32 (8)"
+        "--large-batch-size",
+        type=int,
+        default=None,
+        help="batch of the many-token point (default: 4 x batch; 0: none)",
     )
     parser.add_argument("--image-size", type=int, default=None, help="default: 112 (16 with --quick)")
     parser.add_argument("--runs", type=int, default=1, help="interleaved runs of the whole comparison")
@@ -134,11 +137,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
     def pick(value: int | None, default: int, quick: int) -> int:
         return value if value is not None else (quick if args.quick else default)
 
+    batch_size = pick(args.batch_size, 8, 2)
     return Settings(
         device=torch.device(args.device),
         dtype=getattr(torch, args.dtype),
-        batch_size=pick(args.batch_size, 8, 2),
-        large_batch_size=pick(args.large_batch_size, 32, 8),
+        batch_size=batch_size,
+        large_batch_size=4 * batch_size if args.large_batch_size is None else args.large_batch_size,
         image_size=pick(args.image_size, 112, 16),
         patch_size=8 if args.quick else 16,
         runs=args.runs,
