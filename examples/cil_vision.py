@@ -14,9 +14,9 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from sdlora_peft.continual import zoo
-from sdlora_peft.continual.baselines import AdapterOptions, make_method
 from sdlora_peft.continual.data import ImageCollator, TaskSplit, dataset_classes, split_dataset
 from sdlora_peft.continual.heads import make_head
+from sdlora_peft.continual.methods import AdapterOptions, make_method
 from sdlora_peft.continual.metrics import summarize
 from sdlora_peft.continual.train import TrainSettings, run_sequence
 

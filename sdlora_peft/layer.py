@@ -252,7 +252,11 @@ class SDLoraLayer(BaseTunerLayer):
             with torch.no_grad():
                 merged = weight.float() + delta
                 if safe_merge and not torch.isfinite(merged).all():
-                    raise ValueError(f"Merging adapter '{adapter_name}' gives non-finite weights; nothing was merged.")
+                    # PEFT's own wording, which its tests and users match on; nothing of this adapter was merged
+                    raise ValueError(
+                        f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken "
+                        "(non-finite values); it was not merged."
+                    )
                 weight.data = merged.to(weight.dtype)
             self.merged_adapters.append(adapter_name)
 

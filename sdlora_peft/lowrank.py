@@ -68,3 +68,25 @@ def _membership(ranks: list[int], dtype: torch.dtype, device: torch.device) -> t
 
 def _upcast(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
+def truncate(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-`rank` approximation `B_k @ A_k` of `B @ A` (Eckart-Young), from the factors alone.
+
+    QR of `B` and `A^T` leaves a small core `R_B R_A^T` (at most `R x R`) whose SVD gives the singular values of
+    `B @ A`; no `out x in` matrix is formed. The singular values are split evenly between the two factors. Returns
+    `B_k` (out x rank), `A_k` (rank x in), zero-padded when `B @ A` has a lower rank, and the relative Frobenius
+    error `||B A - B_k A_k||_F / ||B A||_F` (0.0 for a zero product). Computed in the inputs' dtype (pass float64).
+    """
+    Q_B, R_B = torch.linalg.qr(B)
+    Q_A, R_A = torch.linalg.qr(A.T)
+    U, S, Vh = torch.linalg.svd(R_B @ R_A.T)
+    kept = min(rank, S.numel())
+    root = S[:kept].sqrt()
+    B_k = B.new_zeros(B.shape[0], rank)
+    A_k = A.new_zeros(rank, A.shape[1])
+    B_k[:, :kept] = Q_B @ (U[:, :kept] * root)
+    A_k[:kept] = (root.unsqueeze(1) * Vh[:kept]) @ Q_A.T
+    total = S.square().sum()
+    error = float((S[kept:].square().sum() / total).sqrt()) if total > 0 else 0.0
+    return B_k, A_k, error

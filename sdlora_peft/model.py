@@ -88,6 +88,25 @@ class SDLoraModel(BaseTuner):
         except Exception:
             self._discard_adapter(adapter_name)
             raise
+        self._match_magnitude_dtype(adapter_name)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's rule for `autocast_adapter_dtype` (True: float16/bfloat16 adapters become float32; False: they keep
+        the base layer's dtype), also for the global magnitudes, which live outside the layers PEFT casts. PEFT calls
+        this after every injection and every load (`get_peft_model`, `add_adapter`, `load_adapter`,
+        `from_pretrained`, with or without `low_cpu_mem_usage`)."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        self._match_magnitude_dtype(adapter_name)
+
+    def _match_magnitude_dtype(self, adapter_name: str) -> None:
+        """Give the global magnitudes the dtype of the adapter's factors, which PEFT has set by its rule."""
+        layers = self._layers(adapter_name)
+        if adapter_name not in self.sdlora_magnitude or not layers:
+            return
+        dtype = layers[0].sdlora_A[adapter_name].dtype
+        magnitude = self.sdlora_magnitude[adapter_name]
+        if magnitude.dtype != dtype:
+            self.sdlora_magnitude[adapter_name] = nn.Parameter(magnitude.detach().to(dtype), magnitude.requires_grad)
 
     def _discard_adapter(self, adapter_name: str) -> None:
         """Undo a failed injection or load of `adapter_name`, so that the model is left as it was: with no other

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from test_save_load import save_three_tasks
 from torch import nn
 
-from sdlora_peft import SDLoraConfig
+from sdlora_peft import SDLoraConfig, export_lora
 
 VIT_CASE, MLP_CASE = CASE_BY_NAME["vit"], CASE_BY_NAME["mlp"]
 HISTORY = {"task": 0, "rank": 2, "absorbed": False, "residual": None}
@@ -154,6 +154,18 @@ def test_invalid_json_names_the_file(tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "SDLORA", "r": 2,')
     with pytest.raises(ValueError, match=r"adapter_config.json is not valid JSON .*save_pretrained"):
         SDLoraConfig.from_pretrained(tmp_path)
+
+
+def test_invalid_json_through_peft_model_from_pretrained(tmp_path):
+    """Documented limitation: PeftModel.from_pretrained reads adapter_config.json with PeftConfig's own reader to
+    learn the method before SD-LoRA's checks can run, so invalid JSON gives PEFT's bare JSONDecodeError there (no
+    clean place names the file without patching PEFT). SD-LoRA's own readers name it."""
+    base = save_three_tasks(tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "SDLORA", "r": 2,')
+    with pytest.raises(json.JSONDecodeError):
+        PeftModel.from_pretrained(base, tmp_path)
+    with pytest.raises(ValueError, match=r"adapter_config.json is not valid JSON"):
+        export_lora(tmp_path, tmp_path / "lora")
 
 
 def test_a_json_value_that_is_not_an_object_is_refused(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import CASE_BY_NAME, output, sdlora_layers, train_steps
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 from sdlora_peft import SDLoraConfig, lowrank
 
@@ -95,6 +95,29 @@ def test_twenty_half_precision_tasks_stay_finite(dtype, autocast_adapter_dtype):
         assert torch.isfinite(layer.sdlora_frozen_scale["default"]).all()
         assert torch.isfinite(layer.sdlora_frozen_B["default"]).all()
         assert torch.isfinite(layer.magnitude("default")).all()
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
+def test_global_magnitudes_follow_peft_autocast_rule(autocast_adapter_dtype, low_cpu_mem_usage, tmp_path):
+    """PEFT's rule for every adapter tensor, the model-level magnitudes included: float32 with
+    `autocast_adapter_dtype=True`, the base layer's dtype (bfloat16 here) without, through every way in."""
+    expected = torch.float32 if autocast_adapter_dtype else torch.bfloat16
+    config = SDLoraConfig(r=2, task_history=[{"task": 0, "rank": 2, "absorbed": False, "residual": None}])
+    model = get_peft_model(VIT_CASE.build().to(torch.bfloat16), config, autocast_adapter_dtype=autocast_adapter_dtype)
+    model.add_adapter("other", config, autocast_adapter_dtype=autocast_adapter_dtype)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(
+        VIT_CASE.build().to(torch.bfloat16), tmp_path, autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )  # fmt: skip
+    loaded.load_adapter(
+        tmp_path / "other", "other", autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
+    )
+    for peft_model in (model, loaded):
+        magnitudes = peft_model.base_model.sdlora_magnitude
+        assert sorted(magnitudes) == ["default", "other"]
+        assert {p.dtype for n, p in peft_model.named_parameters() if "sdlora_" in n} == {expected}
 
 
 @pytest.mark.parametrize("value", [0.0, 1e-30, 1e-40, 1e-20], ids=["zero", "1e-30", "denormal", "1e-20"])

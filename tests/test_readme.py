@@ -39,3 +39,5 @@ def test_config_reference_lists_exactly_the_sdlora_fields():
 def test_ci_runs_the_readme_test_command():
     assert "make test" in README
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+    assert "make conformance" in README
+    assert "make conformance" in (ROOT / ".ci" / "run").read_text()

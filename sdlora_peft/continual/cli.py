@@ -27,10 +27,8 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from peft import PeftModel
 
-from ..card import write_model_card
-from ..config import SDLoraConfig
+from .. import SDLoraConfig, write_model_card
 from . import zoo
-from .baselines import METHOD_NAMES, AdapterOptions, make_method
 from .data import (
     ImageCollator,
     TaskSplit,
@@ -40,13 +38,14 @@ from .data import (
     split_dataset,
 )
 from .heads import HEAD_NAMES, make_head
+from .methods import METHOD_NAMES, AdapterOptions, make_method
 from .plots import write_plots
 from .report import atomic_write_dir, build_summary, console_table, write_json, write_results
 from .train import TrainSettings, run_sequence
 
 DEFAULT_HEAD = "aligned"  # the best SD-LoRA pipeline measured (benchmarks/accuracy/ACCURACY.md)
 RUN_STATE = ("config.json", "checkpoints")  # what OUTDIR holds of a started run, besides its results
-NOT_CONFIG = ("output", "overwrite", "resume")  # options that say where to write, not what to run
+NOT_CONFIG = ("output", "overwrite", "resume", "debug")  # options that say where to write or how to report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,19 +60,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return _resumed(args.resume, given, defaults)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        """One line, `sdlora-cil: error: ...`, exit status 2 (argparse would print the usage first)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(cast: type) -> Any:
+    def parse(text: str):
+        value = cast(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = cast.__name__  # argparse names the type in its message
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdlora-cil", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="sdlora-cil", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
+    count, rate = _positive(int), _positive(float)
     add("--model", default="dinov2-small", help=f"hub id, local dir, or one of {list(zoo.MODEL_NAMES)}")
     add("--dataset", default="digits", help=f"hub id, save_to_disk dir, or one of {list(zoo.DATASET_NAMES)}")
-    add("--num-tasks", type=int, default=5)
+    add("--num-tasks", type=count, default=5)
     add("--methods", default="sdlora,lora-seq,ncm", help=f"comma-separated, from {list(METHOD_NAMES)}; "
         "append @HEAD to override the head for one entry, e.g. sdlora@linear")  # fmt: skip
     add("--head", default=DEFAULT_HEAD, choices=HEAD_NAMES)
-    add("--epochs", type=int, default=2)
-    add("--batch-size", type=int, default=32)
-    add("--lr", type=float, default=1e-4, help="learning rate of the adapters (and of the backbone's peers)")
-    add("--head-lr", type=float, default=1e-3, help="learning rate of the classification layer (a slow learner "
+    add("--epochs", type=count, default=2)
+    add("--batch-size", type=count, default=32)
+    add("--lr", type=rate, default=1e-4, help="learning rate of the adapters (and of the backbone's peers)")
+    add("--head-lr", type=rate, default=1e-3, help="learning rate of the classification layer (a slow learner "
         "backbone, 10x below the head, limits feature drift)")  # fmt: skip
     add("--seeds", default="0", help="comma-separated seeds; each fixes the class order and the initialisation")
     add("--output", default="runs/cil", help="output directory")
@@ -81,21 +98,28 @@ def _parser() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true", help="start afresh in an OUTDIR that holds a run")
     again.add_argument("--resume", metavar="OUTDIR", default=None, help="continue the run saved in OUTDIR from "
                        "its last finished task, with its options")  # fmt: skip
-    add("--max-train-per-class", type=int, default=None)
-    add("--max-test-per-class", type=int, default=None)
-    add("--image-size", type=int, default=56)
+    add("--max-train-per-class", type=count, default=None)
+    add("--max-test-per-class", type=count, default=None)
+    add("--image-size", type=count, default=56)
     add("--augment", action="store_true", help="the paper's RandomResizedCrop + flip (and resize + center crop)")
     add("--image-column", default=None)
     add("--text-column", default=None)
     add("--label-column", default="label")
-    add("--max-length", type=int, default=64, help="token budget of text samples")
-    add("--r", type=int, default=10, help="adapter rank (every method)")
+    add("--max-length", type=count, default=64, help="token budget of text samples")
+    add("--pooling", default=None, choices=zoo.POOLINGS, help="how a text model's token states become its features "
+        "(default: as the model was trained: mean for sentence encoders such as minilm, the architecture's head "
+        "otherwise)")  # fmt: skip
+    add("--dropout", type=float, default=None, help="set every dropout of the backbone to this (default: its own)")
+    add("--prefix-cache", default="auto", choices=("auto", "off"), help="compute the frozen blocks below the "
+        "adapters once per dataset where that is exact (auto), or every time (off)")  # fmt: skip
+    add("--r", type=count, default=10, help="adapter rank (every method)")
     add("--layers", default=None, help="comma-separated block indices to adapt (default: all)")
     add("--target-modules", default=None, help="comma-separated module names (default: query/value projections)")
     add("--magnitude-sharing", default="global", choices=("global", "layer"))
     add("--freeze-scale", default="preserve", choices=("preserve", "unit"))
     add("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
-    add("--gradient-accumulation-steps", type=int, default=1)
+    add("--gradient-accumulation-steps", type=count, default=1)
+    add("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -104,18 +128,18 @@ def _resumed(output: str, given: dict, defaults: dict) -> argparse.Namespace:
     says otherwise."""
     saved_path = Path(output) / "config.json"
     if not saved_path.is_file():
-        raise SystemExit(f"--resume {output}: there is no run to resume there (no config.json).")
+        raise ValueError(f"--resume {output}: there is no run to resume there (no config.json).")
     saved = {**_config(argparse.Namespace(**defaults)), **json.loads(saved_path.read_text())}
     if given.get("output", output) != output:
-        raise SystemExit(f"--resume {output} writes into {output}; leave out --output {given['output']}.")
+        raise ValueError(f"--resume {output} writes into {output}; leave out --output {given['output']}.")
     for name, value in given.items():
         if name not in NOT_CONFIG and value != saved[name]:
             option = "--" + name.replace("_", "-")
-            raise SystemExit(
+            raise ValueError(
                 f"--resume {output}: {option} is {value!r} here but {saved[name]!r} in the saved run. Leave it out "
                 "to resume with the saved options, or start a new run in another --output."
             )
-    return argparse.Namespace(**saved, output=output, overwrite=False, resume=output)
+    return argparse.Namespace(**saved, output=output, overwrite=False, resume=output, debug=given.get("debug", False))
 
 
 def _csv(value: str, cast: type = str) -> list:
@@ -151,7 +175,7 @@ def _start_output(args: argparse.Namespace, accelerator: Accelerator) -> None:
         return
     started = [name for name in ("results.json", *RUN_STATE) if (output / name).exists()]
     if started and not args.overwrite:
-        raise SystemExit(
+        raise ValueError(
             f"{output} already holds a run ({started[0]}); pass --resume {output} to continue it, --overwrite to "
             "start afresh, or choose another --output."
         )
@@ -206,12 +230,26 @@ def run(args: argparse.Namespace) -> dict:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
-    _start_output(args, accelerator)
+    # everything that can be refused is checked before anything is written: a refused run leaves OUTDIR as it was
     data = zoo.load_dataset(args.dataset)
     train_data, test_data = data["train"], data["test"]
     modality, column = detect_input(train_data, args.image_column, args.text_column)
     classes = dataset_classes(train_data, args.label_column)
     entries = _method_entries(args.methods, args.head)
+    seeds = _csv(args.seeds, int)
+    if not seeds:
+        raise ValueError("--seeds needs at least one seed, e.g. --seeds 0,1,2.")
+    splits = {}
+    for seed in seeds:
+        split = TaskSplit.from_classes(classes, args.num_tasks, seed)
+        train_sets = split_dataset(train_data, split, args.label_column, args.max_train_per_class, seed, "train")
+        test_sets = split_dataset(test_data, split, args.label_column, args.max_test_per_class, seed, "test")
+        splits[seed] = split, train_sets, test_sets
+    set_seed(seeds[0])
+    loaded = zoo.load_model(
+        args.model, len(classes), modality=modality, pooling=args.pooling
+    )  # the first seed's: the model is checked
+    _start_output(args, accelerator)
     options = AdapterOptions(
         r=args.r,
         target_modules=_optional_csv(args.target_modules),
@@ -220,13 +258,17 @@ def run(args: argparse.Namespace) -> dict:
     )
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in entries}
     info = None
-    for seed in _csv(args.seeds, int):
-        split = TaskSplit.from_classes(classes, args.num_tasks, seed)
-        train_sets = split_dataset(train_data, split, args.label_column, args.max_train_per_class, seed, "train")
-        test_sets = split_dataset(test_data, split, args.label_column, args.max_test_per_class, seed, "test")
+    for seed in seeds:
+        split, train_sets, test_sets = splits[seed]
         set_seed(seed)
-        base, processor, info = zoo.load_model(args.model, len(classes), modality=modality)
-        settings = TrainSettings(args.epochs, args.batch_size, args.lr, args.head_lr, seed=seed)
+        if seed != seeds[0]:
+            loaded = zoo.load_model(args.model, len(classes), modality=modality, pooling=args.pooling)
+        base, processor, info = loaded
+        if args.dropout is not None:
+            zoo.set_dropout(base, args.dropout)
+        settings = TrainSettings(
+            args.epochs, args.batch_size, args.lr, args.head_lr, seed=seed, prefix_cache=args.prefix_cache == "auto"
+        )
         for name, method_name, head_name in entries:
             run_state = _run_state(output, name, seed)
             if args.resume and run_state.with_suffix(".json").is_file():
@@ -265,7 +307,17 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(parse_args(argv))
+    """Run `sdlora-cil`. An error the user causes (options, data, model, OUTDIR) prints one line, `sdlora-cil:
+    error: ...`, and returns 2, with nothing written; `--debug` raises it with its traceback instead."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        run(parse_args(argv))
+    except (ValueError, OSError) as error:
+        if "--debug" in argv:
+            raise
+        message = " ".join(str(error).split())  # one line, whatever the message's own line breaks
+        print(f"sdlora-cil: error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 

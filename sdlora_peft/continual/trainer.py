@@ -35,7 +35,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import TrainOutput, enable_full_determinism, get_last_checkpoint, set_seed
 
-from ..config import SDLoraConfig
+from .. import SDLoraConfig
 from .train import masked_cross_entropy
 
 TASK_STATE_NAME = "task_state.json"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdlora_peft.continual import cli, train
+from sdlora_peft.continual import checkpoint, cli, train
 
 # sdlora: SD-LoRA's task history and the aligned head's Gaussians; lora-merge: weights merged into the backbone and
 # class means; ablation-fixed: gradient hooks set again; linear: a plain classifier, cosine-wrapped
@@ -73,7 +73,7 @@ class Stop(Exception):
 def test_stopped_run_resumes_to_the_uninterrupted_results(reference, tmp_path, monkeypatch, methods, method, task):
     """Each run's results are its own (seeded per run), so a run of some of the methods is compared too."""
     output = tmp_path / "out"
-    save_checkpoint = train.save_checkpoint
+    save_checkpoint = checkpoint.save_checkpoint
 
     def save_then_stop(directory, *args, **kwargs):
         path = save_checkpoint(directory, *args, **kwargs)
@@ -102,7 +102,7 @@ def test_killed_process_resumes_to_the_uninterrupted_results(reference, tmp_path
         assert process.poll() is None, log.read_text()
         process.send_signal(signal.SIGKILL)
         process.wait()
-    assert train.latest_checkpoint(state).name in ("task_1", "task_2")  # killed in the second task (or the third)
+    assert checkpoint.latest_checkpoint(state).name in ("task_1", "task_2")  # killed in the second task (or the third)
     assert not (output / "results.json").exists()
     cli.main(["--resume", str(output)])
     assert_same_results(output, reference, ["sdlora"])
@@ -110,11 +110,11 @@ def test_killed_process_resumes_to_the_uninterrupted_results(reference, tmp_path
 
 def test_resume_keeps_the_saved_options(reference):
     assert cli.parse_args(["--resume", str(reference), "--epochs", "1"]).methods == ",".join(METHODS)
-    with pytest.raises(SystemExit, match="--epochs is 2 here but 1 in the saved run"):
+    with pytest.raises(ValueError, match="--epochs is 2 here but 1 in the saved run"):
         cli.parse_args(["--resume", str(reference), "--epochs", "2"])
-    with pytest.raises(SystemExit, match="--methods is 'sdlora' here"):
+    with pytest.raises(ValueError, match="--methods is 'sdlora' here"):
         cli.parse_args(["--resume", str(reference), "--methods", "sdlora"])
-    with pytest.raises(SystemExit, match="no run to resume"):
+    with pytest.raises(ValueError, match="no run to resume"):
         cli.parse_args(["--resume", str(reference / "elsewhere")])
 
 
@@ -122,5 +122,5 @@ def test_a_started_run_is_not_restarted_by_accident(tmp_path):
     output = tmp_path / "out"
     output.mkdir()
     (output / "config.json").write_text("{}")
-    with pytest.raises(SystemExit, match=f"--resume {output} to continue it, --overwrite"):
-        cli.main([*ARGS, "--methods", "ncm", "--output", str(output)])
+    with pytest.raises(ValueError, match=f"--resume {output} to continue it, --overwrite"):
+        cli.main([*ARGS, "--methods", "ncm", "--output", str(output), "--debug"])

