@@ -233,6 +233,21 @@ def test_auto_folds_from_the_break_even_token_count_on(recompute):
     assert "FoldedLinearBackward" in backward_functions(forced(torch.randn(1, IN)))
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_second_derivatives_of_the_magnitudes_agree(recompute):
+    """Double backward through a layer that folds (with its kept folded weight or without) gives the low-rank path's
+    Hessian of the magnitudes."""
+    x = torch.randn(30, IN, dtype=torch.float64)
+    hessians = {}
+    for path in ("lowrank", "fold"):
+        model = use_strategy(one_layer_model(), path, recompute).double()
+        magnitude = sdlora_layers(model)[0].magnitude("default")
+        (gradient,) = torch.autograd.grad(model(x).square().sum(), magnitude, create_graph=True)
+        hessians[path] = torch.stack([torch.autograd.grad(g, magnitude, retain_graph=True)[0] for g in gradient])
+    assert hessians["lowrank"].abs().max() > 0
+    torch.testing.assert_close(hessians["fold"], hessians["lowrank"])
+
+
 def test_config_chooses_the_strategy():
     layer = sdlora_layers(one_layer_model(frozen_path="lowrank", frozen_recompute=True))[0]
     assert layer.sdlora_frozen_path == {"default": "lowrank"} and layer.sdlora_frozen_recompute == {"default": True}
