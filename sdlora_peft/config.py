@@ -22,6 +22,7 @@ RR_RANK_FRACTIONS = ((4, 1.0), (8, 0.8), (None, 0.6))
 MAGNITUDE_SHARINGS = ("global", "layer")
 DIRECTION_NORMS = ("frobenius", "factor")
 FREEZE_SCALES = ("preserve", "normalized", "unit")
+FROZEN_PATHS = ("auto", "lowrank", "fold")
 ALLOW_PICKLE_ENV = "SDLORA_ALLOW_PICKLE"
 """Set to 1 to load an adapter saved only as a pickle (`adapter_model.bin`); safetensors are required otherwise."""
 
@@ -106,6 +107,18 @@ class SDLoraConfig(PeftConfig):
             In pure inference (eval mode under `torch.no_grad()`), keep one `W0 + updates` matrix per adapted layer so
             that the unmerged model costs what the base model costs, whatever the number of tasks. Costs one extra
             copy of each adapted weight while evaluating; it is freed by `model.train()`.
+        frozen_path (`"auto"`, `"lowrank"` or `"fold"`):
+            How training applies the frozen directions. `"lowrank"`: a low-rank product beside the base layer, whose
+            cost grows with the tokens. `"fold"`: folded with their current scales into the base weight once per
+            optimizer step (`W0 + B_cat diag(s) A_cat`), so the base layer's product applies them; this costs `R x in
+            x out` per step and keeps one extra `out x in` weight per adapted layer. `"auto"` folds a layer when its
+            batch has enough tokens for the fold to be the cheaper: from `in * out / (in + out)` tokens on with
+            `frozen_recompute`, from twice that without (where the fold keeps its weight for backward). Either way
+            the magnitudes' gradients come from low-rank projections, and the function is the same.
+        frozen_recompute (`bool`):
+            Keep nothing for the frozen directions' backward pass but the layer's input, which the current direction
+            keeps anyway: their tokens x R projection is computed again in backward (and the fold keeps no folded
+            weight). Less memory for a little more compute.
         init_weights (`bool`):
             True: `B` starts at zero, so the adapter is the identity. False: random `B` (a non-identity start, for
             tests). Directions opened by `advance_task()` always start at zero, so that it keeps the function.
@@ -157,6 +170,12 @@ class SDLoraConfig(PeftConfig):
     cache_inference_weight: bool = field(
         default=True, metadata={"help": "Eval-mode no-grad forwards use a cached W0 + updates (base-model cost)."}
     )
+    frozen_path: Literal["auto", "lowrank", "fold"] = field(
+        default="auto", metadata={"help": "'lowrank', 'fold' (into the base weight, once per step) or 'auto'."}
+    )
+    frozen_recompute: bool = field(
+        default=False, metadata={"help": "Recompute the frozen directions' projections in backward (less memory)."}
+    )
     init_weights: bool = field(default=True, metadata={"help": "True: identity at init; False: random B."})
     task_history: list[dict] = field(
         default_factory=list, metadata={"help": "Records of finished tasks, written by advance_task()."}
@@ -191,13 +210,21 @@ class SDLoraConfig(PeftConfig):
         if self.magnitude_init == 0:
             # every task starts at B = 0: with alpha = 0 too, alpha, A and B all get zero gradients and never move
             raise ValueError("`magnitude_init` must be non-zero: a task starting at 0 * B A never trains. Use 1.0.")
-        for name in ("reset_magnitudes", "fan_in_fan_out", "cache_inference_weight", "init_weights", "inference_mode"):
+        for name in (
+            "reset_magnitudes",
+            "fan_in_fan_out",
+            "cache_inference_weight",
+            "frozen_recompute",
+            "init_weights",
+            "inference_mode",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         self._validate_module_selection()
         _check_choice("magnitude_sharing", self.magnitude_sharing, MAGNITUDE_SHARINGS)
         _check_choice("direction_norm", self.direction_norm, DIRECTION_NORMS)
         _check_choice("freeze_scale", self.freeze_scale, FREEZE_SCALES)
+        _check_choice("frozen_path", self.frozen_path, FROZEN_PATHS)
         if self.kd_threshold is not None and not (_is_number(self.kd_threshold) and self.kd_threshold >= 0):
             raise ValueError(f"`kd_threshold` must be None or a number >= 0, got {self.kd_threshold!r}.")
         _check_task_history(self.task_history)

@@ -10,7 +10,8 @@ Per adapter a layer holds
   and owned by the `SDLoraModel` with global magnitudes.
 
 All frozen directions cost one extra low-rank product per layer, whatever their number:
-`x -> (x A_cat^T) * (alpha * scale)[column's task] -> B_cat`.
+`x -> (x A_cat^T) * (alpha * scale)[column's task] -> B_cat`; or, where tokens are many, none: they are folded
+into the base weight once per step (`frozen.py` has both strategies).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
-from . import lowrank
+from . import frozen, lowrank
 
 
 class SDLoraLayer(BaseTunerLayer):
@@ -35,6 +36,8 @@ class SDLoraLayer(BaseTunerLayer):
     other_param_names = (
         "r",
         "sdlora_cache_weight",
+        "sdlora_frozen_path",
+        "sdlora_frozen_recompute",
         "sdlora_frozen_ranks",
         "sdlora_frozen_A",
         "sdlora_frozen_B",
@@ -55,7 +58,10 @@ class SDLoraLayer(BaseTunerLayer):
         self.sdlora_frozen_scale = BufferDict({}, persistent=True)
         self.sdlora_frozen_index = BufferDict({}, persistent=False)  # column -> frozen direction, rebuilt from ranks
         self.sdlora_cache_weight: dict[str, bool] = {}
+        self.sdlora_frozen_path: dict[str, str] = {}
+        self.sdlora_frozen_recompute: dict[str, bool] = {}
         self._inference_weight: tuple[tuple, torch.Tensor] | None = None  # (what it was built from, W0 + updates)
+        self._folded_weight: tuple[tuple, torch.Tensor] | None = None  # (what it was built from, W0 + frozen)
         # Global magnitudes live on the SDLoraModel; keep a plain reference so they are not registered twice.
         self.__dict__["_shared_magnitude"] = shared_magnitude
         self._disable_adapters = False
@@ -83,11 +89,15 @@ class SDLoraLayer(BaseTunerLayer):
         per_layer_magnitude: bool,
         init_weights: bool,
         cache_inference_weight: bool = True,
+        frozen_path: str = "auto",
+        frozen_recompute: bool = False,
         inference_mode: bool = False,
     ) -> None:
         """Create the adapter's tensors with the structure its task history describes (values come from training
         or from a checkpoint)."""
         self.sdlora_cache_weight[adapter_name] = cache_inference_weight
+        self.sdlora_frozen_path[adapter_name] = frozen_path
+        self.sdlora_frozen_recompute[adapter_name] = frozen_recompute
         self._open_direction(adapter_name, rank, init_weights, requires_grad=True)
         if per_layer_magnitude:
             self.sdlora_magnitude[adapter_name] = nn.Parameter(torch.full((len(frozen_ranks) + 1,), magnitude_init))
@@ -142,20 +152,37 @@ class SDLoraLayer(BaseTunerLayer):
         return per_direction[self.sdlora_frozen_index[adapter_name]]
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        A, B = self.sdlora_A[adapter_name], self.sdlora_B[adapter_name]
         magnitude = self.magnitude(adapter_name)
-        output = F.linear(F.linear(self._cast_input_dtype(x, A.dtype), A) * magnitude[-1].to(A.dtype), B)
+        kept = self._current_input(x, adapter_name)
+        output = self._current_output(kept, adapter_name, magnitude)
         if adapter_name in self.sdlora_frozen_A:
-            output = output + self._frozen_output(x, adapter_name, magnitude)
+            output = output + self._frozen_output(x, kept, adapter_name, magnitude)
         return output
 
-    def _frozen_output(self, x: torch.Tensor, adapter_name: str, magnitude: torch.Tensor) -> torch.Tensor:
+    def _current_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """`x` in the current factors' dtype: their product keeps it for backward, and so may the frozen path."""
+        return self._cast_input_dtype(x, self.sdlora_A[adapter_name].dtype)
+
+    @staticmethod
+    def _copy_kept(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | None:
+        """What the frozen path's functions take as the kept input: the copy, or None when it is `x` itself."""
+        return None if kept is x else kept
+
+    def _current_output(self, kept: torch.Tensor, adapter_name: str, magnitude: torch.Tensor) -> torch.Tensor:
+        A, B = self.sdlora_A[adapter_name], self.sdlora_B[adapter_name]
+        return F.linear(F.linear(kept, A) * magnitude[-1].to(A.dtype), B)
+
+    def _frozen_output(
+        self, x: torch.Tensor, kept: torch.Tensor, adapter_name: str, magnitude: torch.Tensor
+    ) -> torch.Tensor:
         """All frozen directions in one low-rank product, computed in the input's dtype like the base layer: they
         train no factors, so a bfloat16 model need not upcast every token to float32 for them (PEFT keeps the
         trainable factors in float32, and the current direction still runs there)."""
         column_scales = self._frozen_column_scales(adapter_name, magnitude).to(x.dtype)
         A, B = self.sdlora_frozen_A[adapter_name], self.sdlora_frozen_B[adapter_name]
-        return cast(torch.Tensor, _FrozenLowRank.apply(x, A, B, column_scales)[0])
+        recompute = self.sdlora_frozen_recompute[adapter_name]
+        kept_copy = self._copy_kept(x, kept)
+        return cast(torch.Tensor, frozen.FrozenLowRank.apply(x, kept_copy, A, B, column_scales, recompute)[0])
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's dense update of the base weight, in float32 and in the base weight's layout."""
@@ -247,52 +274,6 @@ class SDLoraLayer(BaseTunerLayer):
                     weight.data = restored.to(weight.dtype)
 
 
-class _FrozenLowRank(torch.autograd.Function):
-    """`((x A^T) * column_scales) B^T` with frozen factors `A` (R x in) and `B` (out x R), in `x`'s dtype (or in
-    autocast's, under torch.autocast). Returns the result and the projection `x A^T`.
-
-    Plain autograd would keep the copies of `A` and `B` cast to that dtype until the backward pass, in every layer
-    (at small batches more memory than the low-rank activations themselves); this keeps the stored factors and casts
-    them again there. Gradients flow to `x` and `column_scales` only: the factors are frozen. The projection is an
-    output of its own so that double backward reaches `x` through it; torch.func derives its batching rule.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, column_scales: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = F.linear(x, A.to(x.dtype))
-        return F.linear(hidden * column_scales, B.to(x.dtype)), hidden
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        x, A, B, column_scales = inputs
-        ctx.save_for_backward(output[1], A, B, column_scales)
-        ctx.input_dtype = x.dtype
-        ctx.set_materialize_grads(False)
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad_output: torch.Tensor | None, grad_hidden: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None]:
-        hidden, A, B, column_scales = ctx.saved_tensors
-        # the products run in the forward's dtype, the scaling in the scales' dtype (they differ under autocast)
-        dtype, scale_dtype = hidden.dtype, column_scales.dtype
-        grad_x = grad_scales = None
-        if grad_output is not None:
-            grad_scaled = grad_output.to(dtype) @ B.to(dtype)
-            if ctx.needs_input_grad[3]:
-                products = grad_scaled.to(scale_dtype) * hidden.to(scale_dtype)
-                grad_scales = products.reshape(-1, hidden.shape[-1]).sum(0)
-            through_scales = (grad_scaled * column_scales).to(dtype)
-            grad_hidden = through_scales if grad_hidden is None else grad_hidden.to(dtype) + through_scales
-        if ctx.needs_input_grad[0] and grad_hidden is not None:
-            grad_x = (grad_hidden @ A.to(dtype)).to(ctx.input_dtype)
-        return grad_x, None, None, grad_scales
-
-
 class SDLoraLinear(nn.Module, SDLoraLayer):
     """SD-LoRA around a `torch.nn.Linear` or a transformers `Conv1D`."""
 
@@ -314,6 +295,10 @@ class SDLoraLinear(nn.Module, SDLoraLayer):
             return self.base_layer(x, *args, **kwargs)
         if self._use_inference_weight(adapter_names):
             return self._forward_with_weight(x, self._inference_weight_for(adapter_names))
+        if self._folds(x, adapter_names):
+            return self._folded_forward(x, adapter_names[0])
+        if self._folded_weight is not None:
+            self._folded_weight = None  # the layer does not fold now: free what it folded for earlier batches
         result = self.base_layer(x, *args, **kwargs)
         for adapter_name in adapter_names:
             result = result + self._adapter_output(x, adapter_name).to(result.dtype)
@@ -322,6 +307,8 @@ class SDLoraLinear(nn.Module, SDLoraLayer):
     def train(self, mode: bool = True) -> SDLoraLinear:
         if mode:
             self._inference_weight = None  # training changes the adapters: free the cached weight
+        else:
+            self._folded_weight = None  # evaluation does not fold: free the training one
         return super().train(mode)
 
     def _use_inference_weight(self, adapter_names: list[str]) -> bool:
@@ -344,13 +331,56 @@ class SDLoraLinear(nn.Module, SDLoraLayer):
             tensors += [self.sdlora_A[name], self.sdlora_B[name], self.magnitude(name)]
             if name in self.sdlora_frozen_A:
                 tensors += [self.sdlora_frozen_A[name], self.sdlora_frozen_B[name], self.sdlora_frozen_scale[name]]
-        key = (tuple(adapter_names), tuple((id(t), t.data_ptr(), t._version) for t in tensors))
-        if self._inference_weight is None or self._inference_weight[0] != key:
+        key = (tuple(adapter_names), _state_of(tensors))
+        if self._inference_weight is None or not _same_state(self._inference_weight[0], key):
             updated = weight.float()
             for name in adapter_names:
                 updated = updated + self.get_delta_weight(name)
             self._inference_weight = (key, updated.to(weight.dtype))
         return self._inference_weight[1]
+
+    def _folds(self, x: torch.Tensor, adapter_names: list[str]) -> bool:
+        """Whether this call folds the frozen directions into the base layer's product: one active adapter with
+        frozen directions, a plain Linear/Conv1D, and `frozen_path="fold"`, or `"auto"` with enough tokens."""
+        if len(adapter_names) != 1 or adapter_names[0] not in self.sdlora_frozen_A:
+            return False
+        if type(self.get_base_layer()) not in (nn.Linear, Conv1D):
+            return False
+        path, recompute = self.sdlora_frozen_path[adapter_names[0]], self.sdlora_frozen_recompute[adapter_names[0]]
+        if path == "auto":
+            return frozen.fold_pays(x.numel() // x.shape[-1], self.in_features, self.out_features, recompute)
+        return path == "fold"
+
+    def _folded_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """`x (W0 + B_cat diag(s) A_cat)^T + bias`, one product for the base layer and every frozen direction, plus
+        the current direction."""
+        magnitude = self.magnitude(adapter_name)
+        column_scales = self._frozen_column_scales(adapter_name, magnitude).to(x.dtype)
+        A, B = self.sdlora_frozen_A[adapter_name], self.sdlora_frozen_B[adapter_name]
+        weight = self._base_weight().T if self.fan_in_fan_out else self._base_weight()  # out x in
+        recompute = self.sdlora_frozen_recompute[adapter_name]
+        folded = self._folded_weight_for(adapter_name, weight, column_scales, keep=not recompute)
+        kept = self._current_input(x, adapter_name)
+        bias = self.get_base_layer().bias
+        kept_copy = self._copy_kept(x, kept)
+        result = frozen.FoldedLinear.apply(x, kept_copy, weight, bias, folded, A, B, column_scales, recompute)
+        return result + self._current_output(kept, adapter_name, magnitude).to(result.dtype)
+
+    def _folded_weight_for(
+        self, adapter_name: str, weight: torch.Tensor, column_scales: torch.Tensor, keep: bool
+    ) -> torch.Tensor:
+        """`W0 + B_cat diag(s) A_cat`. With `keep`, folded once per optimizer step, not once per call (micro-batches
+        of one step share it), and held until the scales change or the layer stops folding; otherwise, and under
+        torch.compile or torch.func, folded for this call only."""
+        A, B = self.sdlora_frozen_A[adapter_name], self.sdlora_frozen_B[adapter_name]
+        if not keep or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(column_scales):
+            return frozen.fold(weight, A, B, column_scales)
+        tensors = [self._base_weight(), A, B, self.sdlora_frozen_scale[adapter_name], self.magnitude(adapter_name)]
+        key = (adapter_name, column_scales.dtype, frozen.optimizer_steps(), _state_of(tensors))
+        if self._folded_weight is None or not _same_state(self._folded_weight[0], key):
+            self._folded_weight = None  # free the stale weight before folding the new one
+            self._folded_weight = (key, frozen.fold(weight, A, B, column_scales))
+        return self._folded_weight[1]
 
     def _forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         bias = cast(torch.Tensor | None, self.get_base_layer().bias)
@@ -362,3 +392,22 @@ class SDLoraLinear(nn.Module, SDLoraLayer):
 
     def __repr__(self) -> str:
         return "sdlora." + super().__repr__()
+
+
+def _state_of(tensors: list[torch.Tensor]) -> tuple:
+    """The tensors themselves and their contents' versions: a replaced tensor, new storage or an in-place change (an
+    optimizer step, a load) gives another state. The key holds the tensors so that a freed tensor's id and memory,
+    which a new tensor may reuse, cannot make a stale weight look current."""
+    return tuple(tensors), tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+def _same_state(built_from: tuple, key: tuple) -> bool:
+    """Whether a cached weight's key (`(..., _state_of(...))`) equals `key`: same names, the very same tensors, at the
+    same versions."""
+    (*names, (tensors, versions)), (*new_names, (new_tensors, new_versions)) = built_from, key
+    return (
+        names == new_names
+        and versions == new_versions
+        and len(tensors) == len(new_tensors)
+        and all(a is b for a, b in zip(tensors, new_tensors))
+    )

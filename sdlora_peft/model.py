@@ -146,6 +146,8 @@ class SDLoraModel(BaseTuner):
             "per_layer_magnitude": config.magnitude_sharing == "layer",
             "init_weights": config.init_weights,
             "cache_inference_weight": config.cache_inference_weight,
+            "frozen_path": config.frozen_path,
+            "frozen_recompute": config.frozen_recompute,
             "inference_mode": config.inference_mode,
         }
         if isinstance(target, SDLoraLayer):

@@ -64,6 +64,8 @@ def files(path) -> dict:
         ("reset_magnitudes", "yes", "True or False"),
         ("init_weights", 1, "True or False"),
         ("cache_inference_weight", "false", "True or False"),
+        ("frozen_path", "dense", "'auto', 'lowrank', 'fold'"),
+        ("frozen_recompute", 0, "True or False"),
         ("fan_in_fan_out", None, "True or False"),
         ("target_modules", 5, "module name"),
         ("target_modules", ["q_proj", 3], "module name"),

@@ -33,17 +33,25 @@ def trained_vit(tasks: int = 2, magnitude_sharing: str = "global"):
     return model, inputs
 
 
-@pytest.mark.parametrize("sharing", ["global", "layer"])
-def test_adapted_layer_compiles_without_graph_break(sharing):
+@pytest.mark.parametrize(
+    ("sharing", "path", "recompute"),
+    [("global", "lowrank", False), ("layer", "lowrank", False), ("global", "lowrank", True)]
+    + [("global", "fold", False), ("layer", "fold", False), ("global", "fold", True)],
+)
+def test_adapted_layer_compiles_without_graph_break(sharing, path, recompute):
+    """Both strategies of the frozen directions, with and without recomputation."""
     model, _ = trained_vit(magnitude_sharing=sharing)
     layer = sdlora_layers(model)[0]
+    layer.sdlora_frozen_path["default"], layer.sdlora_frozen_recompute["default"] = path, recompute
     x = torch.randn(3, 5, layer.in_features, requires_grad=True)
     compiled = torch.compile(layer, backend=BACKEND, fullgraph=True)  # raises on any graph break
     expected, actual = layer(x), compiled(x)
     assert (actual - expected).abs().max() <= TOLERANCE
-    (grad_expected,) = torch.autograd.grad(expected.sum(), x)
-    (grad_actual,) = torch.autograd.grad(actual.sum(), x)
-    assert (grad_actual - grad_expected).abs().max() <= TOLERANCE
+    trained = (x, layer.magnitude("default"))  # the old magnitudes' gradients come from the frozen path
+    for grad_expected, grad_actual in zip(
+        torch.autograd.grad(expected.sum(), trained), torch.autograd.grad(actual.sum(), trained)
+    ):
+        assert (grad_actual - grad_expected).abs().max() <= TOLERANCE
 
 
 def test_compiled_model_matches_eager_outputs_and_gradients():

@@ -38,6 +38,8 @@ configs = st.fixed_dictionaries(
         "kd_threshold": st.sampled_from([None, 9e-4]),
         "magnitude_init": st.sampled_from([1.0, 0.8]),
         "cache_inference_weight": st.booleans(),
+        "frozen_path": st.sampled_from(["auto", "lowrank", "fold"]),
+        "frozen_recompute": st.booleans(),
     }
 )
 

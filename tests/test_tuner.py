@@ -18,11 +18,9 @@ from conftest import (
 )
 from peft import get_peft_model
 from torch import nn
-from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdlora_peft import SDLoraConfig, SDLoraLayer, lowrank
-from sdlora_peft.layer import _FrozenLowRank
 
 MLP_CASE, VIT_CASE = CASE_BY_NAME["mlp"], CASE_BY_NAME["vit"]
 SHARINGS = ["global", "layer"]
@@ -143,9 +141,10 @@ def test_global_magnitudes_are_one_tensor_shared_by_all_layers():
     assert trainable == ["base_model.sdlora_magnitude.default"]
 
 
+@pytest.mark.parametrize("path", ["lowrank", "fold"])
 @pytest.mark.parametrize("sharing", SHARINGS)
-def test_fused_forward_matches_dense_math(case, sharing):
-    base, model = make_peft(case, rank_schedule=[3, 1, 2], magnitude_sharing=sharing)
+def test_fused_forward_matches_dense_math(case, sharing, path):
+    base, model = make_peft(case, rank_schedule=[3, 1, 2], magnitude_sharing=sharing, frozen_path=path)
     inputs = case.inputs()
     run_tasks(model, inputs, 3)
     train_steps(model, inputs)
@@ -153,15 +152,17 @@ def test_fused_forward_matches_dense_math(case, sharing):
 
 
 def assert_matches_dense_math(model, base: nn.Module, inputs) -> None:
-    """The fused low-rank path (training) and the cached weight (inference) both compute the per-task sum."""
+    """The training path (low-rank or fold, as configured) and the cached weight (inference) both compute the
+    per-task sum."""
     expected = dense_reference(model, base, inputs)
     assert torch.allclose(low_rank_output(model, inputs), expected, atol=1e-5)
     assert torch.allclose(output(model, inputs), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["lowrank", "fold"])
 @pytest.mark.parametrize("sharing", SHARINGS)
-def test_fused_forward_matches_dense_math_after_an_absorbed_task(sharing):
-    base, model = make_peft(VIT_CASE, r=3, magnitude_sharing=sharing, kd_threshold=9e-4)
+def test_fused_forward_matches_dense_math_after_an_absorbed_task(sharing, path):
+    base, model = make_peft(VIT_CASE, r=3, magnitude_sharing=sharing, kd_threshold=9e-4, frozen_path=path)
     inputs = VIT_CASE.inputs()
     run_tasks(model, inputs, 1)
     put_old_direction(model)
@@ -460,10 +461,11 @@ class _ProductDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def bfloat16_vit_after_two_tasks():
+def bfloat16_vit_after_two_tasks(frozen_path: str = "lowrank"):
     """A bfloat16 ViT whose adapter (float32, PEFT's default) froze two trained rank-7 directions."""
     torch.manual_seed(0)
-    model = get_peft_model(VIT_CASE.build().to(torch.bfloat16), SDLoraConfig(r=7))
+    config = SDLoraConfig(r=7, frozen_path=frozen_path)
+    model = get_peft_model(VIT_CASE.build().to(torch.bfloat16), config)
     inputs = {"pixel_values": VIT_CASE.inputs()["pixel_values"].to(torch.bfloat16)}
     for _ in range(2):
         train_steps(model, inputs, steps=2, lr=0.05, optimizer_cls=torch.optim.SGD)
@@ -500,57 +502,9 @@ def test_task_magnitudes_name_each_kept_task(sharing):
     assert model.task_magnitudes("default") == model.task_magnitudes()
 
 
-def frozen_low_rank(x, A, B, column_scales) -> torch.Tensor:
-    return _FrozenLowRank.apply(x, A, B, column_scales)[0]
-
-
-def frozen_low_rank_inputs(*leading: int) -> tuple[torch.Tensor, ...]:
-    """Float64 (x, A, B, column_scales) with gradients on x and the scales only, as in training."""
-    torch.manual_seed(0)
-    x = torch.randn(*leading, 6, dtype=torch.float64, requires_grad=True)
-    A, B = torch.randn(5, 6, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
-    return x, A, B, torch.randn(5, dtype=torch.float64, requires_grad=True)
-
-
-@pytest.mark.parametrize("leading", [(), (4,), (2, 3)])
-def test_frozen_low_rank_product_gradients(leading):
-    x, A, B, column_scales = inputs = frozen_low_rank_inputs(*leading)
-    assert torch.allclose(frozen_low_rank(*inputs), ((x @ A.T) * column_scales) @ B.T)
-    assert torch.autograd.gradcheck(_FrozenLowRank.apply, inputs)
-    assert torch.autograd.gradgradcheck(_FrozenLowRank.apply, inputs)  # e.g. a Hessian of the magnitudes
-
-
-def test_frozen_low_rank_product_under_torch_func():
-    x, A, B, column_scales = frozen_low_rank_inputs(4)
-
-    def loss(sample, scales):
-        return frozen_low_rank(sample, A, B, scales).square().sum()
-
-    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=1), in_dims=(0, None))(x.detach(), column_scales)
-    expected = torch.stack([torch.autograd.grad(loss(sample, column_scales), column_scales)[0] for sample in x])
-    torch.testing.assert_close(per_sample, expected)
-
-
-@pytest.mark.parametrize("precision", ["autocast", "bfloat16 inputs"])
-def test_frozen_low_rank_product_matches_autograd_in_low_precision(precision):
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if precision == "bfloat16 inputs" else torch.float32
-    x = torch.randn(2, 3, 6, dtype=dtype, requires_grad=True)
-    A, B = torch.randn(5, 6), torch.randn(7, 5)  # stored in float32, as PEFT keeps adapters
-    column_scales = torch.randn(5, dtype=dtype, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
-        fused = frozen_low_rank(x, A, B, column_scales)
-        plain = F.linear(F.linear(x, A.to(dtype)) * column_scales, B.to(dtype))
-    assert fused.dtype == torch.bfloat16 and torch.equal(fused, plain)
-    fused_grads = torch.autograd.grad(fused.float().square().sum(), (x, column_scales))
-    plain_grads = torch.autograd.grad(plain.float().square().sum(), (x, column_scales))
-    for fused_grad, plain_grad in zip(fused_grads, plain_grads):
-        assert fused_grad.dtype == dtype  # the inputs' dtype
-        torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-5, atol=1e-5)
-
-
-def test_no_half_precision_copy_of_the_frozen_factors_waits_for_backward():
-    model, inputs = bfloat16_vit_after_two_tasks()
+@pytest.mark.parametrize("path", ["lowrank", "fold"])
+def test_no_half_precision_copy_of_the_frozen_factors_waits_for_backward(path):
+    model, inputs = bfloat16_vit_after_two_tasks(path)
     layer = sdlora_layers(model)[0]
     factor_shapes = {layer.sdlora_frozen_A["default"].shape, layer.sdlora_frozen_B["default"].shape}
     saved = []

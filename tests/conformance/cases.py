@@ -28,18 +28,24 @@ CUSTOM_CASES = [
     ("Embedding + transformers Conv1D 1 SD-LoRA", "EmbConv1D", SDLoraConfig, {"target_modules": ["conv1d"]}),
     ("Embedding + transformers Conv1D 2 SD-LoRA second task", "EmbConv1D", SDLoraConfig,
      {"target_modules": ["conv1d"], **SECOND_TASK}),
+    ("Vanilla MLP 8 SD-LoRA second task folded", "MLP", SDLoraConfig,
+     {"target_modules": ["lin0", "lin1"], "frozen_path": "fold", **SECOND_TASK}),
+    ("Embedding + transformers Conv1D 3 SD-LoRA second task folded, recomputed", "EmbConv1D", SDLoraConfig,
+     {"target_modules": ["conv1d"], "frozen_path": "fold", "frozen_recompute": True, **SECOND_TASK}),
     ("Conv2d 1 SD-LoRA", "Conv2d", SDLoraConfig, {"target_modules": ["lin0"]}),
 ]  # fmt: skip
 """PEFT's custom models: one target, two, a regex, per-layer magnitudes, modules_to_save, exclude_modules, an adapter
-past its first task. SD-LoRA adapts `nn.Linear` and transformers' `Conv1D`, so on the Conv2d model it targets the
-linear layer."""
+past its first task, and one whose frozen directions are folded into the weight (with and without recomputation).
+SD-LoRA adapts `nn.Linear` and transformers' `Conv1D`, so on the Conv2d model it targets the linear layer."""
 
 DECODER_CONFIGS = [
     (SDLoraConfig, {"task_type": "CAUSAL_LM", "r": 8, "target_modules": None}),
     (SDLoraConfig, {"task_type": "CAUSAL_LM", "r": 4, "target_modules": None, "magnitude_sharing": "layer"}),
     (SDLoraConfig, {"task_type": "CAUSAL_LM", "target_modules": None, **SECOND_TASK}),
+    (SDLoraConfig, {"task_type": "CAUSAL_LM", "target_modules": None, "frozen_path": "fold", **SECOND_TASK}),
 ]
-"""The decoder matrix on SD-LoRA's default targets (the query/value projections), as PEFT's own configs do."""
+"""The decoder matrix on SD-LoRA's default targets (the query/value projections), as PEFT's own configs do, once with
+the frozen direction folded into the weight."""
 
 PICKLE_OPT_IN = {"SDLORA_ALLOW_PICKLE": "1"}
 """Decision kept: SD-LoRA loads safetensors only unless the user opts in to pickle files (`SDLORA_ALLOW_PICKLE=1`;
