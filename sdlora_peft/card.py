@@ -1,20 +1,21 @@
 """Model cards for SD-LoRA adapters: what every save and push writes to `README.md`, and evaluation results.
 
 `PeftModel.save_pretrained` and `push_to_hub` write a model card through `PeftModel.create_or_update_model_card`.
-`install_card_hooks()` (run at import by `sdlora_peft.register`) wraps that method so that, for an SD-LoRA adapter
-only, the card also gets the Hub metadata (`library_name: peft`, `base_model`, tags), a usage snippet, the task
+`card_hooks.install_card_hooks()` (run at import by `sdlora_peft.register`) wraps that method so that, for an SD-LoRA
+adapter only, the card also gets the Hub metadata (`library_name: peft`, `base_model`, tags), a usage snippet, the task
 history with each task's current magnitude, and the configuration. Other PEFT types are left to PEFT.
 
-`write_model_card` adds class-incremental results (final accuracy, average incremental accuracy, forgetting) to a
-saved adapter's card, in the Hub's `model-index` form. Results sit in their own section, which later saves keep.
+`write_model_card` adds continual-learning results (final accuracy, average incremental accuracy, forgetting) to a
+saved adapter's card, in the Hub's `model-index` form, named by the setting the adapter learned in: class-incremental
+learning for a classifier (`sdlora-cil`), a sequence of generative tasks for a causal LM (`sdlora-clm`). Results sit
+in their own section, which later saves keep.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, cast
@@ -33,15 +34,42 @@ REPO_ID_PLACEHOLDER = "<repo-id>"
 """Stands for the repository id in the usage snippet of a card written by `save_pretrained` (a push writes the
 real id): replace it by a repo id or a local folder."""
 
-CARD_TAGS = ("peft", "sdlora", "continual-learning", "class-incremental")
+CARD_TAGS = ("peft", "sdlora", "continual-learning")
 PAPER = "https://arxiv.org/abs/2501.13198"
 
 RESULT_METRICS = {
     "final_accuracy": ("accuracy", "Final accuracy"),
     "average_incremental_accuracy": ("accuracy", "Average incremental accuracy"),
     "forgetting": ("forgetting", "Forgetting"),
+    "final_exact_match": ("exact_match", "Final exact match"),
 }
-"""Results keys (as in `sdlora-cil`'s per-method summary) -> (model-index metric type, name). Values in percent."""
+"""Results keys (as in `sdlora-cil`'s and `sdlora-clm`'s per-method summaries and runs) -> (model-index metric type,
+name). Values in percent; a key that is missing or None is left out."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a card names the continual-learning setting an adapter learned in."""
+
+    summary: str  # what the adapter is for, in the card's first sentence
+    tag: str | None  # a Hub tag beyond CARD_TAGS
+    task_name: str  # the model-index task name of its results
+    evaluation: str  # the results section's first line; `{dataset}` is the dataset (or tasks) measured on
+
+
+CLASS_INCREMENTAL = Setting(
+    "class-incremental learning",
+    "class-incremental",
+    "Class-incremental learning",
+    "Class-incremental learning on `{dataset}`, without a task id at inference.",
+)
+GENERATIVE_TASKS = Setting(
+    "continual learning of generative tasks",
+    None,
+    "Continual learning of generative tasks",
+    "Generative tasks `{dataset}` learned one after the other, no earlier task's data kept; a task's accuracy ranks "
+    "its answers by their log-likelihood after the prompt.",
+)
 
 _PIPELINE_BY_CLASS_SUFFIX = {
     "ForImageClassification": "image-classification",
@@ -63,12 +91,23 @@ class AdapterFacts:
     @property
     def pipeline_tag(self) -> str | None:
         """The Hub task of the base model, when its class name or the adapter's task type says it."""
-        if self.config.task_type == "SEQ_CLS":
-            return "text-classification"
+        by_task_type = {"SEQ_CLS": "text-classification", "CAUSAL_LM": "text-generation"}
+        if self.config.task_type in by_task_type:
+            return by_task_type[self.config.task_type]
         for suffix, tag in _PIPELINE_BY_CLASS_SUFFIX.items():
             if self.base_class and self.base_class.endswith(suffix):
                 return tag
         return None
+
+    @property
+    def setting(self) -> Setting:
+        """A causal LM learns generative tasks (`sdlora-clm`); any other model, classes (`sdlora-cil`)."""
+        return setting_of(self.pipeline_tag)
+
+
+def setting_of(pipeline_tag: str | None) -> Setting:
+    """The continual-learning setting of an adapter whose base model does the Hub task `pipeline_tag`."""
+    return GENERATIVE_TASKS if pipeline_tag == "text-generation" else CLASS_INCREMENTAL
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,11 +131,12 @@ def write_model_card(
         model_or_config: the `PeftModel` the adapter was saved from (its live magnitudes are reported), its
             `SDLoraConfig`, or None to read the config from `folder`. Magnitudes come from the folder's weights
             unless a model is given.
-        results: class-incremental results in percent, keyed `final_accuracy`, `average_incremental_accuracy`,
-            `forgetting`; each value a number or a `{"mean", "std"}` dict, as in `sdlora-cil`'s per-method summary
-            (`results.json["methods"][name]`) or one of its runs. Other keys are ignored. None keeps the results
-            the card already has.
-        dataset: the dataset the results were measured on (needed with `results`).
+        results: results in percent, keyed `final_accuracy`, `average_incremental_accuracy`, `forgetting` (and
+            `final_exact_match`); each value a number or a `{"mean", "std"}` dict, as in `sdlora-cil`'s or
+            `sdlora-clm`'s per-method summary (`results.json["methods"][name]`) or one of its runs. Other keys are
+            ignored. None keeps the results the card already has. A causal LM's results are named as continual
+            learning of generative tasks, any other model's as class-incremental learning.
+        dataset: the dataset the results were measured on, or a causal LM's tasks (needed with `results`).
         repo_id: the repository id for the usage snippet (default: `REPO_ID_PLACEHOLDER`).
         adapter_name: the adapter to describe when `model_or_config` is a model with several adapters.
 
@@ -113,7 +153,7 @@ def write_model_card(
     if results is not None:
         if not dataset:
             raise ValueError("write_model_card needs `dataset` (the dataset's name) to report results.")
-        name = repo_id or _data(card).model_name or "sdlora-adapter"
+        name = repo_id or card_data(card).model_name or "sdlora-adapter"
         set_results(card, results, dataset, model_name=name, task=facts.pipeline_tag)
     card.save(folder / "README.md")
     return card
@@ -175,10 +215,10 @@ _RESULTS_BLOCK = "sdlora-peft-results"
 
 
 def _load_or_start(path: Path, facts: AdapterFacts) -> ModelCard:
-    return ModelCard.load(path) if path.exists() else _start_card(facts)
+    return ModelCard.load(path) if path.exists() else new_card(facts)
 
 
-def _start_card(facts: AdapterFacts) -> ModelCard:
+def new_card(facts: AdapterFacts) -> ModelCard:
     """A short new card (PEFT's default template is mostly placeholders); `update_card` fills it."""
     title = f"SD-LoRA adapter for {facts.base_model}" if _is_repo_id(facts.base_model) else "SD-LoRA adapter"
     return ModelCard(f"---\nlibrary_name: peft\n---\n\n# {title}\n")
@@ -197,7 +237,7 @@ def _is_repo_id(name: str | None) -> bool:
 
 def update_card(card: ModelCard, facts: AdapterFacts, repo_id: str | None = None) -> None:
     """Set the Hub metadata and (re)write the adapter section of `card`; idempotent."""
-    data = _data(card)
+    data = card_data(card)
     data.library_name = "peft"
     if _is_repo_id(facts.base_model):
         data.base_model = facts.base_model
@@ -205,7 +245,7 @@ def update_card(card: ModelCard, facts: AdapterFacts, repo_id: str | None = None
         data.base_model = None  # the Hub takes repository ids only; PEFT writes '' or a local path here
     prefix = "base_model:adapter:"  # PEFT's tag also names an unnamed base ('') or a local path
     tags = {tag for tag in (data.tags or []) if not tag.startswith(prefix) or _is_repo_id(tag[len(prefix) :])}
-    data.tags = sorted(tags | set(CARD_TAGS))
+    data.tags = sorted(tags | set(CARD_TAGS) | ({facts.setting.tag} if facts.setting.tag else set()))
     if not data.pipeline_tag and facts.pipeline_tag:
         data.pipeline_tag = facts.pipeline_tag
     card.text = _put_block(card.text, _BLOCK, _adapter_section(facts, repo_id or REPO_ID_PLACEHOLDER))
@@ -214,15 +254,17 @@ def update_card(card: ModelCard, facts: AdapterFacts, repo_id: str | None = None
 def set_results(
     card: ModelCard, results: Mapping[str, Any], dataset: str, model_name: str, task: str | None = None
 ) -> None:
-    """Put `results` into the card's `model-index` metadata and its results section, replacing earlier ones."""
-    found = [(key, _mean_std(results[key])) for key in RESULT_METRICS if key in results]
+    """Put `results` into the card's `model-index` metadata and its results section, replacing earlier ones. `task`
+    is the base model's Hub task; it names the setting (`setting_of`)."""
+    found = [(key, _mean_std(results[key])) for key in RESULT_METRICS if results.get(key) is not None]
     if not found:
         raise ValueError(f"`results` has none of {sorted(RESULT_METRICS)}; got keys {sorted(results)}.")
-    _data(card).model_name = model_name
-    _data(card).eval_results = [
+    setting = setting_of(task)
+    card_data(card).model_name = model_name
+    card_data(card).eval_results = [
         EvalResult(
             task_type=task or "image-classification",
-            task_name="Class-incremental learning",
+            task_name=setting.task_name,
             dataset_type=dataset,
             dataset_name=dataset,
             metric_type=RESULT_METRICS[key][0],
@@ -233,13 +275,13 @@ def set_results(
     ]
     rows = [f"| {RESULT_METRICS[key][1]} (%) | {_format_mean_std(mean, std)} |" for key, (mean, std) in found]
     section = "\n".join(
-        [f"## Evaluation\n\nClass-incremental learning on `{dataset}`, without a task id at inference.\n",
+        [f"## Evaluation\n\n{setting.evaluation.format(dataset=dataset)}\n",
          "| metric | value |", "|---|---|", *rows]
     )  # fmt: skip
     card.text = _put_block(card.text, _RESULTS_BLOCK, section, after=_BLOCK)
 
 
-def _data(card: ModelCard) -> ModelCardData:
+def card_data(card: ModelCard) -> ModelCardData:
     """The card's metadata; a `ModelCard` always holds `ModelCardData`."""
     return cast(ModelCardData, card.data)
 
@@ -278,8 +320,8 @@ def _adapter_section(facts: AdapterFacts, repo_id: str) -> str:
     finished = len(config.task_history)
     absorbed = sum(record["absorbed"] for record in config.task_history)
     summary = (
-        f"An [SD-LoRA]({PAPER}) adapter (Scalable Decoupled LoRA, Wu et al., ICLR 2025) for class-incremental "
-        f"learning, made with `sdlora_peft`. Each finished task keeps a frozen low-rank direction whose magnitude "
+        f"An [SD-LoRA]({PAPER}) adapter (Scalable Decoupled LoRA, Wu et al., ICLR 2025) for {facts.setting.summary}, "
+        f"made with `sdlora_peft`. Each finished task keeps a frozen low-rank direction whose magnitude "
         f"keeps training with the later tasks; the whole adapter merges into the base weights "
         f"(`merge_and_unload()`).\n\n{finished} finished task(s), {finished - absorbed} stored direction(s), "
         f"{absorbed} absorbed; task {finished} is open for training."
@@ -381,67 +423,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return sorted(value)
     return getattr(value, "value", value)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Hooks into PEFT's save and push
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _sdlora_adapter(model: PeftModel) -> str | None:
-    """The adapter a card describes: the active one if it is SD-LoRA, else the first SD-LoRA adapter."""
-    configs = getattr(model, "peft_config", {})
-    names = [model.active_adapter] if isinstance(getattr(model, "active_adapter", None), str) else []
-    names += list(configs)
-    return next((name for name in names if isinstance(configs.get(name), SDLoraConfig)), None)
-
-
-def _refresh_card(
-    model: PeftModel, adapter_name: str, folder: str, peft_update: Callable, repo_id: str | None = None
-) -> None:
-    """Let PEFT update the card, then add SD-LoRA's part, keeping the tags the card had before."""
-    facts = facts_from_model(model, adapter_name)
-    path = Path(folder) / "README.md"
-    if not path.exists():
-        _start_card(facts).save(path)
-    tags_before = _data(ModelCard.load(path)).tags or []
-    peft_update(model, folder)  # PEFT's own part: library_name, base model tags, framework versions
-    card = ModelCard.load(path)
-    _data(card).tags = sorted(set(_data(card).tags or []) | set(tags_before))
-    update_card(card, facts, repo_id)
-    card.save(path)
-
-
-def install_card_hooks() -> None:
-    """Make `PeftModel.save_pretrained` and `push_to_hub` write SD-LoRA's card; other adapters are untouched.
-
-    Two wrappers on `PeftModel`, installed once: `create_or_update_model_card` (called by `save_pretrained`), and
-    transformers' `_upload_modified_files`, because `push_to_hub` overwrites the saved README with the card it
-    fetched from the Hub (or a generic template) just before uploading; the wrapper re-applies the SD-LoRA part to
-    that card, so a card already on the Hub keeps its own text and results.
-    """
-    if getattr(PeftModel.create_or_update_model_card, "_sdlora_hook", False):
-        return
-    peft_update = PeftModel.create_or_update_model_card
-    upload = getattr(PeftModel, "_upload_modified_files", None)  # transformers' PushToHubMixin, private
-
-    @functools.wraps(peft_update)
-    def create_or_update_model_card(self: PeftModel, output_dir: str) -> None:
-        adapter_name = _sdlora_adapter(self)
-        if adapter_name is None:
-            return peft_update(self, output_dir)
-        _refresh_card(self, adapter_name, output_dir, peft_update)
-
-    create_or_update_model_card._sdlora_hook = True  # type: ignore[attr-defined]
-    PeftModel.create_or_update_model_card = create_or_update_model_card  # type: ignore[method-assign]
-    if upload is None:  # a push then uploads PEFT's card only; tests/test_hub.py would say so
-        return
-
-    @functools.wraps(upload)
-    def _upload_modified_files(self: PeftModel, working_dir: str, repo_id: str, *args, **kwargs):
-        adapter_name = _sdlora_adapter(self)
-        if adapter_name is not None:
-            _refresh_card(self, adapter_name, working_dir, peft_update, repo_id=repo_id)
-        return upload(self, working_dir, repo_id, *args, **kwargs)
-
-    PeftModel._upload_modified_files = _upload_modified_files  # type: ignore[method-assign,assignment]

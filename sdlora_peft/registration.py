@@ -35,7 +35,7 @@ def register() -> None:
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
-    from .card import install_card_hooks
+    from .card_hooks import install_card_hooks
     from .config import SDLoraConfig
     from .model import SDLoraModel
 

@@ -121,6 +121,39 @@ def test_results_in_model_index_form(tmp_path):
         write_model_card(tmp_path, results={"accuracy": 1.0}, dataset="kaomoji")
 
 
+def test_causal_lm_results_are_named_continual_learning_of_generative_tasks(tmp_path):
+    # what sdlora-clm hands the card (runs.finish): one run's record and its tasks joined as the dataset
+    record = {"seed": 0, "final_accuracy": 75.0, "average_incremental_accuracy": 80.0, "forgetting": 10.0,
+              "final_exact_match": 50.0, "tasks": ["colours", "sounds"]}  # fmt: skip
+    _, model = make_peft(CASE_BY_NAME["llama"], r=4, task_type="CAUSAL_LM")
+    model.save_pretrained(tmp_path)
+    write_model_card(tmp_path, model, results=record, dataset="colours,sounds")
+
+    card = card_of(tmp_path)
+    results = {result.metric_name: result for result in card.data.eval_results}
+    assert set(results) == {"Final accuracy", "Average incremental accuracy", "Forgetting", "Final exact match"}
+    assert {(r.task_type, r.task_name, r.dataset_name) for r in results.values()} == {
+        ("text-generation", "Continual learning of generative tasks", "colours,sounds")
+    }
+    assert (
+        results["Final exact match"].metric_type == "exact_match" and results["Final exact match"].metric_value == 50
+    )
+    assert "Generative tasks `colours,sounds` learned one after the other" in card.text
+    assert "adapter (Scalable Decoupled LoRA, Wu et al., ICLR 2025) for continual learning of generative" in card.text
+    assert "lass-incremental" not in card.text and "class-incremental" not in card.data.tags
+    write_model_card(tmp_path, results={**record, "final_exact_match": None}, dataset="colours,sounds")  # from files
+    assert [r.task_name for r in card_of(tmp_path).data.eval_results] == ["Continual learning of generative tasks"] * 3
+
+    # a classifier's results keep their name
+    _, classifier = make_peft(CASE_BY_NAME["vit"], r=4)
+    classifier.save_pretrained(tmp_path / "vit")
+    write_model_card(tmp_path / "vit", classifier, results=record, dataset="glyphs")
+    card = card_of(tmp_path / "vit")
+    assert {r.task_name for r in card.data.eval_results} == {"Class-incremental learning"}
+    assert "class-incremental" in card.data.tags
+    assert "Class-incremental learning on `glyphs`, without a task id at inference." in card.text
+
+
 @pytest.mark.parametrize("case_name", ["vit", "bert"])
 def test_usage_snippet_runs_as_written(tmp_path, case_name):
     case = CASE_BY_NAME[case_name]

@@ -15,23 +15,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import shutil
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import datasets
-import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
-from peft import PeftModel
+from accelerate.utils import DistributedType, set_seed
 
-from .. import SDLoraConfig, write_model_card
 from ..config import FREEZE_SCALES
-from . import zoo
+from . import runs, zoo
 from .data import (
     ImageCollator,
     TaskSplit,
@@ -42,51 +36,29 @@ from .data import (
 )
 from .heads import HEAD_NAMES, make_head
 from .methods import METHOD_NAMES, AdapterOptions, make_method
-from .plots import write_plots
 from .protocols import PROTOCOLS, apply_protocol, steps_preserving_batch
-from .report import atomic_write_dir, build_summary, console_table, write_json, write_results
+from .runs import csv_list, optional_csv
 from .train import OPTIMIZERS, TrainSettings, run_sequence
 
 DEFAULT_HEAD = "aligned"  # the best SD-LoRA pipeline measured (benchmarks/accuracy/ACCURACY.md)
-RUN_STATE = ("config.json", "checkpoints")  # what OUTDIR holds of a started run, besides its results
-NOT_CONFIG = ("output", "overwrite", "resume", "debug")  # options that say where to write or how to report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options, with a `--protocol` preset under the options given; with `--resume OUTDIR`, the options saved in
     OUTDIR, which any option given must agree with."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    defaults, unset = vars(parser.parse_args([])), object()
-    parser.set_defaults(**dict.fromkeys(defaults, unset))  # parse again to tell the options given
-    given = {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
-    if args.resume is None:
-        args.protocol_overrides = sorted(set(given) & set(PROTOCOLS.get(args.protocol, {})))
-        return apply_protocol(args, set(given))
-    return _resumed(args.resume, given, defaults)
+    return runs.parse_args(_parser(), argv, presets=_with_protocol)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        """One line, `sdlora-cil: error: ...`, exit status 2 (argparse would print the usage first)."""
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _positive(cast: type) -> Any:
-    def parse(text: str):
-        value = cast(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    parse.__name__ = cast.__name__  # argparse names the type in its message
-    return parse
+def _with_protocol(args: argparse.Namespace, given: set[str]) -> argparse.Namespace:
+    """The `--protocol` preset's options, except those given on the command line (recorded as overrides)."""
+    args.protocol_overrides = sorted(given & set(PROTOCOLS.get(args.protocol, {})))
+    return apply_protocol(args, given)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sdlora-cil", description=__doc__.split("\n\n")[0])
+    parser = runs.Parser(prog="sdlora-cil", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    count, rate = _positive(int), _positive(float)
+    count, rate = runs.positive(int), runs.positive(float)
     add("--model", default="dinov2-small", help=f"hub id, local dir, or one of {list(zoo.MODEL_NAMES)}")
     add("--dataset", default="digits", help=f"hub id, save_to_disk dir, or one of {list(zoo.DATASET_NAMES)}")
     add("--num-tasks", type=count, default=5)
@@ -106,11 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--magnitude-lr", type=rate, default=None, help="learning rate of SD-LoRA's magnitudes (default: --lr)")
     add("--optimizer", default="adamw", choices=OPTIMIZERS, help="adamw, or sgd with momentum 0.9")
     add("--seeds", default="0", help="comma-separated seeds; each fixes the class order and the initialisation")
-    add("--output", default="runs/cil", help="output directory")
-    again = parser.add_mutually_exclusive_group()
-    again.add_argument("--overwrite", action="store_true", help="start afresh in an OUTDIR that holds a run")
-    again.add_argument("--resume", metavar="OUTDIR", default=None, help="continue the run saved in OUTDIR from "
-                       "its last finished task, with its options")  # fmt: skip
+    runs.add_output_options(parser, "runs/cil")
     add("--max-train-per-class", type=count, default=None)
     add("--max-test-per-class", type=count, default=None)
     add("--image-size", type=count, default=56)
@@ -138,35 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--gradient-accumulation-steps", type=count, default=1)
     add("--fsdp", action="store_true", help="train each task on a model sharded across the processes with FSDP2 "
         "(torchrun --nproc_per_node N, N > 1); task boundaries and evaluation stay unsharded")  # fmt: skip
-    add("--debug", action="store_true", help="show the traceback of an error")
     return parser
-
-
-def _resumed(output: str, given: dict, defaults: dict) -> argparse.Namespace:
-    """The options saved in `output` (defaults for any added since); refuse if an option given on the command line
-    says otherwise."""
-    saved_path = Path(output) / "config.json"
-    if not saved_path.is_file():
-        raise ValueError(f"--resume {output}: there is no run to resume there (no config.json).")
-    saved = {**_config(argparse.Namespace(**defaults)), **json.loads(saved_path.read_text())}
-    if given.get("output", output) != output:
-        raise ValueError(f"--resume {output} writes into {output}; leave out --output {given['output']}.")
-    for name, value in given.items():
-        if name not in NOT_CONFIG and value != saved[name]:
-            option = "--" + name.replace("_", "-")
-            raise ValueError(
-                f"--resume {output}: {option} is {value!r} here but {saved[name]!r} in the saved run. Leave it out "
-                "to resume with the saved options, or start a new run in another --output."
-            )
-    return argparse.Namespace(**saved, output=output, overwrite=False, resume=output, debug=given.get("debug", False))
-
-
-def _csv(value: str, cast: type = str) -> list:
-    return [cast(item) for item in value.split(",") if item]
-
-
-def _optional_csv(value: str | None, cast: type = str) -> list | None:
-    return None if value is None else _csv(value, cast)
 
 
 def _pair(value: str, option: str) -> tuple[float, float]:
@@ -180,7 +120,7 @@ def _pair(value: str, option: str) -> tuple[float, float]:
 def _method_entries(value: str, default_head: str, options: AdapterOptions) -> list[tuple[str, str, str]]:
     """(result name, method, head) for every entry of --methods; `ncm` always scores with class means."""
     entries = []
-    for item in _csv(value):
+    for item in csv_list(value):
         method, _, head = item.partition("@")
         make_method(method, options)  # fail early: an unknown name, options the method refuses
         head = head or ("ncm" if method == "ncm" else default_head)
@@ -216,69 +156,10 @@ def _collate(args: argparse.Namespace, modality: str, column: str, processor: An
     return TextCollator(processor, column, args.label_column, args.max_length)
 
 
-def _start_output(args: argparse.Namespace, accelerator: Accelerator) -> None:
-    """Refuse to write over an earlier run without --overwrite; with it, forget that run's checkpoints and results,
-    so that OUTDIR never mixes two runs. A new run saves its options, which --resume reads back."""
-    output = Path(args.output)
-    if args.resume:
-        return
-    started = [name for name in ("results.json", *RUN_STATE) if (output / name).exists()]
-    if started and not args.overwrite:
-        raise ValueError(
-            f"{output} already holds a run ({started[0]}); pass --resume {output} to continue it, --overwrite to "
-            "start afresh, or choose another --output."
-        )
-    accelerator.wait_for_everyone()  # every process has looked before the main one writes
-    if accelerator.is_main_process:
-        shutil.rmtree(output / "checkpoints", ignore_errors=True)
-        (output / "results.json").unlink(missing_ok=True)
-        write_json(output / "config.json", _config(args))
-
-
-def _config(args: argparse.Namespace) -> dict:
-    return {name: value for name, value in vars(args).items() if name not in NOT_CONFIG}
-
-
-def _run_state(output: Path, name: str, seed: int) -> Path:
-    """The checkpoints of one (method, seed) run; beside them, `<that>.json` holds its record once it is finished."""
-    return output / "checkpoints" / name / f"seed_{seed}"
-
-
-def _save_adapter(folder: Path, model: PeftModel, record: dict, dataset: str) -> None:
-    """The adapter; an SD-LoRA adapter's model card also gets the run's results."""
-    model.save_pretrained(str(folder))
-    if isinstance(model.peft_config["default"], SDLoraConfig):
-        write_model_card(folder, model, results=record, dataset=dataset)
-
-
-def _finish(output: Path, name: str, seed: int, model: object, record: dict, dataset: str) -> None:
-    """Save a finished (method, seed) run: its adapter, then its record, which tells --resume the run is done,
-    then forget its checkpoints."""
-    run_state = _run_state(output, name, seed)
-    if isinstance(model, PeftModel):
-        atomic_write_dir(
-            output / "adapters" / name / f"seed_{seed}", lambda tmp: _save_adapter(tmp, model, record, dataset)
-        )
-    write_json(run_state.with_suffix(".json"), record)
-    shutil.rmtree(run_state, ignore_errors=True)
-
-
-def _several_cpu_processes() -> bool:
-    """Whether torchrun / accelerate launch started several processes on a machine without CUDA. Accelerate needs
-    to be told (its `cpu` flag) to join them with gloo; otherwise each process would run the whole benchmark alone."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
 def run(args: argparse.Namespace) -> dict:
     """Run every method on every seed; write and return the results."""
     output = Path(args.output)
-    # split_batches: --batch-size is the global batch, so N processes take the steps one process would
-    accelerator = Accelerator(
-        cpu=_several_cpu_processes(),
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-    )
+    accelerator = runs.make_accelerator(args.mixed_precision, args.gradient_accumulation_steps)
     # everything that can be refused is checked before anything is written: a refused run leaves OUTDIR as it was
     data = zoo.load_dataset(args.dataset)
     train_data, test_data = data["train"], data["test"]
@@ -286,15 +167,15 @@ def run(args: argparse.Namespace) -> dict:
     classes = dataset_classes(train_data, args.label_column)
     options = AdapterOptions(
         r=args.r,
-        target_modules=_optional_csv(args.target_modules),
-        layers_to_transform=_optional_csv(args.layers, int),
+        target_modules=optional_csv(args.target_modules),
+        layers_to_transform=optional_csv(args.layers, int),
         sdlora={"magnitude_sharing": args.magnitude_sharing, "freeze_scale": args.freeze_scale},
         olora_lambdas=_pair(args.olora_lambdas, "--olora-lambdas"),
         inflora_thresholds=_pair(args.inflora_thresholds, "--inflora-thresholds"),
     )
     entries = _method_entries(args.methods, args.head, options)
     _check_sharding(args.fsdp, accelerator, entries, options)
-    seeds = _csv(args.seeds, int)
+    seeds = csv_list(args.seeds, int)
     if not seeds:
         raise ValueError("--seeds needs at least one seed, e.g. --seeds 0,1,2.")
     splits = {}
@@ -309,8 +190,8 @@ def run(args: argparse.Namespace) -> dict:
         args.batch_size = steps_preserving_batch(args.batch_size, args.max_train_per_class, full)
     # the first seed's model, loaded before anything is written: a model that cannot load is refused here
     loaded = zoo.load_model(args.model, len(classes), modality=modality, pooling=args.pooling)
-    _start_output(args, accelerator)
-    runs: dict[str, list[dict]] = {name: [] for name, _, _ in entries}
+    runs.start_output(args, accelerator)
+    by_method: dict[str, list[dict]] = {name: [] for name, _, _ in entries}
     info = None
     for seed in seeds:
         split, train_sets, test_sets = splits[seed]
@@ -325,9 +206,9 @@ def run(args: argparse.Namespace) -> dict:
             prefix_cache=args.prefix_cache == "auto", fsdp=args.fsdp,
         )  # fmt: skip
         for name, method_name, head_name in entries:
-            run_state = _run_state(output, name, seed)
-            if args.resume and run_state.with_suffix(".json").is_file():
-                runs[name].append(json.loads(run_state.with_suffix(".json").read_text()))
+            done = runs.finished_record(args, name, seed)
+            if done is not None:
+                by_method[name].append(done)
                 continue
             set_seed(seed)
             # collators of its own: a run's augmentations do not depend on which runs came before it
@@ -342,39 +223,18 @@ def run(args: argparse.Namespace) -> dict:
             head = make_head(head_name, seed, args.ranpac_dim)
             model, record = run_sequence(
                 accelerator, copy.deepcopy(base), method, head, task_split, task_train,
-                task_test, collate, settings, eval_collate=eval_collate, checkpoints=run_state,
-                resume=bool(args.resume),
+                task_test, collate, settings, eval_collate=eval_collate,
+                checkpoints=runs.run_state(output, name, seed), resume=bool(args.resume),
             )  # fmt: skip
             record = {"seed": seed, "head": head_name, **record}
-            runs[name].append(record)
-            accelerator.wait_for_everyone()  # every process has read its checkpoint before they are removed
-            if accelerator.is_main_process:
-                _finish(output, name, seed, model, record, Path(args.dataset).name)
-    results = {
-        "config": {**vars(args), "model_info": info.__dict__ if info else None, "rehearsal_free": True},
-        "methods": {name: build_summary(method_runs) for name, method_runs in runs.items()},
-    }
-    if accelerator.is_main_process:
-        write_results(results, output)
-        write_plots(results, output)
-        print(console_table(results))
-        print(f"results, plots and adapters: {output}")
-    return results
+            runs.keep_run(accelerator, output, by_method, name, seed, model, record, Path(args.dataset).name)
+    return runs.report_runs(accelerator, args, by_method, info)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `sdlora-cil`. An error the user causes (options, data, model, OUTDIR) prints one line, `sdlora-cil:
     error: ...`, and returns 2, with nothing written; `--debug` raises it with its traceback instead."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        run(parse_args(argv))
-    except (ValueError, OSError) as error:
-        if "--debug" in argv:
-            raise
-        message = " ".join(str(error).split())  # one line, whatever the message's own line breaks
-        print(f"sdlora-cil: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    return runs.run_command("sdlora-cil", lambda given: run(parse_args(given)), argv)
 
 
 if __name__ == "__main__":

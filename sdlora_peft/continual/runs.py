@@ -59,15 +59,21 @@ def add_output_options(parser: argparse.ArgumentParser, default_output: str) -> 
                        "its last finished task, with its options")  # fmt: skip
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """The options; with `--resume OUTDIR`, the options saved in OUTDIR, which any option given must agree with."""
+def parse_args(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None = None,
+    presets: Callable[[argparse.Namespace, set[str]], argparse.Namespace] | None = None,
+) -> argparse.Namespace:
+    """The options, passed with the names of those given on the command line through `presets` if any (a preset
+    fills in the options not given); with `--resume OUTDIR`, the options saved in OUTDIR, which any option given must
+    agree with."""
     args = parser.parse_args(argv)
-    if args.resume is None:
-        return args
     defaults, unset = vars(parser.parse_args([])), object()
     parser.set_defaults(**dict.fromkeys(defaults, unset))  # parse again to tell the options given
     given = {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
-    return _resumed(args.resume, given, defaults)
+    if args.resume is not None:
+        return _resumed(args.resume, given, defaults)
+    return args if presets is None else presets(args, set(given))
 
 
 def _resumed(output: str, given: dict, defaults: dict) -> argparse.Namespace:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdlora_peft.continual import checkpoint, cli, train
+from sdlora_peft.continual import checkpoint, cli, runs, train
 
 # sdlora: SD-LoRA's task history and the aligned head's Gaussians; lora-merge: weights merged into the backbone and
 # class means; ablation-fixed: gradient hooks set again; linear: a plain classifier, cosine-wrapped; inflora: folded
@@ -30,7 +30,7 @@ def one_thread_no_plots():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, "write_plots", lambda results, output: None)
+        patch.setattr(runs, "write_plots", lambda results, output: None)
         yield
     torch.set_num_threads(threads)
 

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Issue 11, section 4: SD-LoRA's magnitudes at freeze ("preserve": the update's norm; "normalized": 1, the norm kept
+# in the frozen scale) and a learning rate of their own, on the mnist suite of bench_accuracy.py, both settings,
+# 3 seeds. One sdlora-cil process per variant; the "preserve" rows at the shared rate are bench_accuracy's own runs.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+COMMON=(--model dinov2-small --image-size 56 --layers 8,9,10,11 --dataset mnist --num-tasks 5
+        --max-train-per-class 40 --max-test-per-class 200 --epochs 3 --batch-size 32 --seeds 0,1,2
+        --methods sdlora@aligned-sdc,sdlora@ranpac)
+run() {  # name, options...
+  local name=$1; shift
+  local out=benchmarks/magnitudes/$name
+  [ -f "$out/results.json" ] && return 0
+  if [ -f "$out/config.json" ]; then .venv/bin/sdlora-cil --resume "$out"; else .venv/bin/sdlora-cil "${COMMON[@]}" "$@" --output "$out"; fi
+}
+run fast-normalized          --lr 1e-3 --head-lr 1e-2 --freeze-scale normalized
+run fast-normalized-mlr1e-2  --lr 1e-3 --head-lr 1e-2 --freeze-scale normalized --magnitude-lr 1e-2
+run slow-normalized          --lr 1e-4 --head-lr 1e-3 --freeze-scale normalized
+run slow-normalized-mlr1e-2  --lr 1e-4 --head-lr 1e-3 --freeze-scale normalized --magnitude-lr 1e-2
