@@ -10,6 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers.pytorch_utils import Conv1D
 
 from . import lowrank
@@ -245,10 +246,10 @@ class SDLoraModel(BaseTuner):
 
     def _magnitudes(self, adapter_name: str, layers: list[SDLoraLayer]) -> torch.Tensor:
         """Current magnitudes on the CPU (where the boundary's small bookkeeping happens): shape (T,) when global,
-        (layers, T) when per layer."""
+        (layers, T) when per layer. On an FSDP2-sharded model they are gathered first (a collective)."""
         if adapter_name in self.sdlora_magnitude:
-            return self.sdlora_magnitude[adapter_name].detach().float().cpu().clone()
-        return torch.stack([layer.sdlora_magnitude[adapter_name].detach().float().cpu() for layer in layers])
+            return _whole(self.sdlora_magnitude[adapter_name]).float().cpu().clone()
+        return torch.stack([_whole(layer.sdlora_magnitude[adapter_name]).float().cpu() for layer in layers])
 
     def _finish_task(
         self, adapter_name: str, config: SDLoraConfig, layers: list[SDLoraLayer]
@@ -398,3 +399,9 @@ def _zero_norm(*dtypes: torch.dtype) -> float:
 def _is_sdlora_key(key: str, adapter_name: str) -> bool:
     parts = key.split(".")
     return len(parts) >= 2 and parts[-1] == adapter_name and parts[-2].startswith("sdlora_")
+
+
+def _whole(parameter: torch.Tensor) -> torch.Tensor:
+    """A parameter's full value, detached: an FSDP2 shard (a DTensor) is gathered from all ranks."""
+    value = parameter.detach()
+    return value.full_tensor() if isinstance(value, DTensor) else value

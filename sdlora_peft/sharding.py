@@ -8,27 +8,35 @@ buffers, and FSDP's parameter groups cannot change shape. So a boundary is *gath
 `advance_task_sharded` gathers the full state on every rank, rebuilds the unsharded model on a fresh base model,
 calls `advance_task()` there (the same on every rank: the same inputs give the same result), and shards it again.
 The full model is held once per rank during the boundary; training itself runs sharded.
+
+`shard_sdlora` shards any PEFT model the same way (a LoRA's blocks are those that hold LoRA layers; a model without
+adapter layers is one unit), and `gather_trained` writes a sharded copy's training back into the unsharded model it
+was copied from: that is how `sdlora-cil --fsdp` and `ContinualTrainer` train each task sharded and keep everything
+else (task boundaries, evaluation, saving) unsharded.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from typing import TypeVar
 
 import torch
 from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from .layer import SDLoraLayer
 from .model import TaskRecord
 
+M = TypeVar("M", bound=nn.Module)
 
-def shard_sdlora(model: PeftModel, **fsdp_kwargs) -> PeftModel:
-    """Apply `fully_shard` to every block that directly contains SD-LoRA layers (attention blocks, for the usual
-    query/value targets), then to the whole model. `fsdp_kwargs` go to each `fully_shard` call (`mesh`,
-    `reshard_after_forward`, `mp_policy`, ...). Returns the same model, now sharded in place."""
+
+def shard_sdlora(model: M, **fsdp_kwargs) -> M:
+    """Apply `fully_shard` to every block that directly contains adapter layers (SD-LoRA's, or any PEFT tuner's:
+    attention blocks, for the usual query/value targets), then to the whole model. `fsdp_kwargs` go to each
+    `fully_shard` call (`mesh`, `reshard_after_forward`, `mp_policy`, ...). Returns the model, sharded in place."""
     for block in _blocks(model):
         fully_shard(block, **fsdp_kwargs)
     fully_shard(model, **fsdp_kwargs)
@@ -64,6 +72,17 @@ def advance_task_sharded(
     return shard_sdlora(plain, **fsdp_kwargs), record
 
 
+@torch.no_grad()
+def gather_trained(sharded: nn.Module, plain: nn.Module) -> None:
+    """Write what training changed in `sharded` (a sharded copy of `plain`: its trainable parameters and its buffers)
+    back into `plain`, the unsharded model it was copied from. A collective: call it on all ranks. `plain` keeps
+    everything a state dict would not carry (non-persistent buffers, hooks, attributes)."""
+    targets = dict(plain.named_parameters()) | dict(plain.named_buffers())
+    trained = [(name, p) for name, p in sharded.named_parameters() if p.requires_grad]
+    for name, value in [*trained, *sharded.named_buffers()]:
+        targets[name].copy_(value.full_tensor() if isinstance(value, DTensor) else value)
+
+
 def _blocks(model: nn.Module) -> Iterable[nn.Module]:
-    """The modules whose direct children include SD-LoRA layers (e.g. attention blocks), in the model's order."""
-    return [module for module in model.modules() if any(isinstance(c, SDLoraLayer) for c in module.children())]
+    """The modules whose direct children include adapter layers (e.g. attention blocks), in the model's order."""
+    return [module for module in model.modules() if any(isinstance(c, BaseTunerLayer) for c in module.children())]

@@ -4,7 +4,8 @@
 
 Every method runs through the same loop, data, head and seeds; the results go to OUTDIR as results.json,
 results.md and PNG plots, with each method's final adapter. With no arguments it runs a short offline demo.
-Launch on several processes with `accelerate launch -m sdlora_peft.continual.cli ...` (or torchrun).
+Launch on several processes with `accelerate launch -m sdlora_peft.continual.cli ...` (or torchrun); add `--fsdp`
+to train each task on an FSDP2-sharded model (`torchrun --nproc_per_node N -m sdlora_peft.continual.cli --fsdp ...`).
 
 A checkpoint is saved after every task of every (method, seed) run; `sdlora-cil --resume OUTDIR` continues a
 stopped run from there, skipping the finished runs, and ends with the results an uninterrupted run gives.
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from accelerate.utils import set_seed
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
 
 from ..config import FREEZE_SCALES
 from . import runs, zoo
@@ -102,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
         "and the value it rises towards linearly over the tasks")  # fmt: skip
     add("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     add("--gradient-accumulation-steps", type=count, default=1)
+    add("--fsdp", action="store_true", help="train each task on a model sharded across the processes with FSDP2 "
+        "(torchrun --nproc_per_node N, N > 1); task boundaries and evaluation stay unsharded")  # fmt: skip
     return parser
 
 
@@ -122,6 +126,28 @@ def _method_entries(value: str, default_head: str, options: AdapterOptions) -> l
         head = head or ("ncm" if method == "ncm" else default_head)
         entries.append((item, method, head))
     return entries
+
+
+def _check_sharding(
+    fsdp: bool, accelerator: Accelerator, entries: list[tuple[str, str, str]], options: AdapterOptions
+) -> None:
+    """Refuse what `--fsdp` cannot do, and Accelerate's own FSDP, which would shard the model behind the loop's back
+    (a task boundary needs the unsharded model)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("Launch sdlora-cil without Accelerate's FSDP (--use_fsdp); pass --fsdp to shard instead.")
+    if not fsdp:
+        return
+    for name, method, _ in entries:
+        if not make_method(method, options).shards:
+            raise ValueError(
+                f"--fsdp cannot train {name}: it reads the adapters' weights outside the forward pass (a penalty or "
+                "gradient hooks), where FSDP holds only shards. Leave it out of --methods or drop --fsdp."
+            )
+    if accelerator.num_processes == 1:
+        raise ValueError(
+            "--fsdp shards the model across processes: launch several, e.g. torchrun --nproc_per_node 2 -m "
+            "sdlora_peft.continual.cli --fsdp ..."
+        )
 
 
 def _collate(args: argparse.Namespace, modality: str, column: str, processor: Any, train: bool, seed: int):
@@ -148,6 +174,7 @@ def run(args: argparse.Namespace) -> dict:
         inflora_thresholds=_pair(args.inflora_thresholds, "--inflora-thresholds"),
     )
     entries = _method_entries(args.methods, args.head, options)
+    _check_sharding(args.fsdp, accelerator, entries, options)
     seeds = csv_list(args.seeds, int)
     if not seeds:
         raise ValueError("--seeds needs at least one seed, e.g. --seeds 0,1,2.")
@@ -176,7 +203,7 @@ def run(args: argparse.Namespace) -> dict:
             zoo.set_dropout(base, args.dropout)
         settings = TrainSettings(
             args.epochs, args.batch_size, args.lr, args.head_lr, args.magnitude_lr, args.optimizer, seed=seed,
-            prefix_cache=args.prefix_cache == "auto",
+            prefix_cache=args.prefix_cache == "auto", fsdp=args.fsdp,
         )  # fmt: skip
         for name, method_name, head_name in entries:
             done = runs.finished_record(args, name, seed)

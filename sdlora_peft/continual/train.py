@@ -3,14 +3,18 @@
 `run_sequence` learns the tasks of a `TaskSplit` one after the other with one `Method` (SD-LoRA or a peer) and one
 `Head`, and returns the accuracy matrix and what the run cost. The same code runs on one CPU process, on several
 processes (`accelerate launch` / `torchrun`, gloo on CPU) and on GPUs; after every task it checks that all
-processes hold the same model. With a checkpoint directory, everything needed to go on is saved after every task
-(see `checkpoint`); frozen lower blocks are computed once per dataset where that is exact (see `prefix`).
-`train_task` is also the causal-LM loop's (`lm.loop`): it takes the loss as a function.
+processes hold the same model. With `TrainSettings.fsdp`, each task trains a copy of the model sharded with FSDP2
+(`sharded_copy`), whose training is gathered back into the unsharded model at the end of the task; the method's
+task boundary, the head and the evaluation see the unsharded model, as without it. With a checkpoint directory,
+everything needed to go on is saved after every task (see `checkpoint`); frozen lower blocks are computed once per
+dataset where that is exact (see `prefix`). `train_task` is also the causal-LM loop's (`lm.loop`): it takes the loss
+as a function.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..sharding import gather_trained, shard_sdlora
 from .checkpoint import Progress, check_ranks_agree, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TaskSplit
 from .heads import Head, classifier_path, find_classifier, unwrap
@@ -52,6 +57,7 @@ class TrainSettings:
     eval_batch_size: int = 64
     seed: int = 0
     prefix_cache: bool = True  # cache the frozen lower blocks' output where that is exact (see prefix.PrefixCache)
+    fsdp: bool = False  # train each task on an FSDP2-sharded copy (several processes; see `sharded_copy`)
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -109,7 +115,8 @@ def train_task(
     inputs, labels)` is the task's loss; `penalty` gives a term to add to every step's loss (a method's
     regulariser); with an active `cache`, the frozen lower blocks' output comes from it; every step's loss is
     appended to `losses` if given."""
-    cache = cache if cache is not None and cache.active else None
+    # the cache replays into the unsharded model's blocks, which a sharded copy does not run
+    cache = cache if cache is not None and cache.active and not settings.fsdp else None
     if cache is not None:
         cache.prepare(accelerator, model, dataset, collate, settings.eval_batch_size)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -118,28 +125,46 @@ def train_task(
         generator=generator, drop_last=False,
     )  # fmt: skip
     model.zero_grad(set_to_none=True)  # no gradient left from before (the aligned head's alignment leaves some)
-    optimizer = _optimizer(model, settings)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    model.train()
-    for epoch in range(settings.epochs):
-        batches = tqdm(loader, desc=f"{description} epoch {epoch + 1}", disable=not accelerator.is_local_main_process)
-        for batch in batches:
-            with accelerator.accumulate(model):
-                labels = batch.pop("labels")
-                with _inputs(cache, dataset, collate, batch) as inputs:
-                    loss = loss_fn(model, inputs, labels)
-                extra = penalty() if penalty is not None else None
-                if extra is not None:
-                    loss = loss + extra
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-            batches.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-            if losses is not None:
-                losses.append(loss.item())
-    model = accelerator.unwrap_model(model)
+    with sharded_copy(model) if settings.fsdp else contextlib.nullcontext(model) as trained:
+        optimizer = _optimizer(trained, settings)
+        if settings.fsdp:  # sharded already: Accelerate adds mixed precision only, no DDP wrapper
+            trained = accelerator.prepare_model(trained, device_placement=False, evaluation_mode=True)
+            optimizer, loader = accelerator.prepare(optimizer, loader)
+        else:
+            trained, optimizer, loader = accelerator.prepare(trained, optimizer, loader)
+        trained.train()
+        for epoch in range(settings.epochs):
+            show = accelerator.is_local_main_process
+            batches = tqdm(loader, desc=f"{description} epoch {epoch + 1}", disable=not show)
+            for batch in batches:
+                with accelerator.accumulate(trained):
+                    labels = batch.pop("labels")
+                    with _inputs(cache, dataset, collate, batch) as inputs:
+                        loss = loss_fn(trained, inputs, labels)
+                    extra = penalty() if penalty is not None else None
+                    if extra is not None:
+                        loss = loss + extra
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                batches.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                if losses is not None:
+                    losses.append(loss.item())
     accelerator.free_memory()
     return model.eval()
+
+
+@contextlib.contextmanager
+def sharded_copy(model: nn.Module) -> Iterator[nn.Module]:
+    """An FSDP2-sharded copy of `model` to train (every rank holds its share of the parameters, gradients and
+    optimizer state); on leaving, what it learned is gathered back into `model`. `model` itself waits on the CPU
+    meanwhile, unsharded, with everything a state dict would not carry (non-persistent buffers, a method's hooks)."""
+    home = next(model.parameters()).device
+    model.to("cpu")
+    trained = shard_sdlora(copy.deepcopy(model))  # fully_shard moves each rank's shard to its device
+    yield trained
+    gather_trained(trained, model)
+    model.to(home)
 
 
 @torch.no_grad()

@@ -16,6 +16,11 @@ set (`advance_task()` creates a new direction and magnitude) and mask the loss t
 subclass that adds one method, `train_tasks`, does this the way `Seq2SeqTrainer` extends `Trainer`, and keeps
 everything else of `Trainer`: callbacks, reporters (`report_to`), mid-task checkpoints, Accelerate and devices.
 
+With `TrainingArguments(fsdp=True, fsdp_config={"fsdp_version": 2})`, on several processes, each task trains an
+FSDP2-sharded copy of the model (`train.sharded_copy`), gathered back into the unsharded model before the task is
+saved and the next one advances: Accelerate's FSDP plugin is left out (it would shard the model in place, and a task
+boundary needs it whole), on CPUs and GPUs alike.
+
 Layout of `args.output_dir`, one folder per task (0-based, as `TaskRecord.task`):
 
     task_0/                 the adapter after task 0 (save_pretrained) and task_state.json
@@ -25,11 +30,12 @@ Layout of `args.output_dir`, one folder per task (0-based, as `TaskRecord.task`)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -39,11 +45,17 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase, Trainer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.trainer_utils import TrainOutput, enable_full_determinism, get_last_checkpoint, set_seed
+from transformers.trainer_utils import (
+    SaveStrategy,
+    TrainOutput,
+    enable_full_determinism,
+    get_last_checkpoint,
+    set_seed,
+)
 
 from .. import SDLoraConfig
 from .lm.encode import CausalLMCollator, encode_pairs
-from .train import masked_cross_entropy
+from .train import masked_cross_entropy, sharded_copy
 
 TASK_STATE_NAME = "task_state.json"
 MAGNITUDE_KEY = "sdlora/magnitude/task_{}"
@@ -105,6 +117,17 @@ class ContinualTrainer(Trainer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         active_config(self.model)  # fails early for a model without an active SD-LoRA adapter
+        self.shards_tasks = bool(self.args.fsdp)  # Trainer refuses FSDP on one process already
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                "Launch without Accelerate's FSDP (--use_fsdp): ContinualTrainer shards each task itself, with "
+                "TrainingArguments(fsdp=True, fsdp_config={'fsdp_version': 2})."
+            )
+        if self.shards_tasks and self.args.save_strategy != SaveStrategy.NO:
+            raise ValueError(
+                "With fsdp, ContinualTrainer saves each finished task, unsharded, but no mid-task checkpoint: pass "
+                "save_strategy='no'."
+            )
         self.causal_lm = is_causal_lm(self.peft_model)
         # masked_cross_entropy is a per-batch mean; a causal LM's own loss follows Trainer's rule
         self.loss_is_scaled_for_ga = None if self.causal_lm else False
@@ -175,9 +198,34 @@ class ContinualTrainer(Trainer):
         self.train_dataset = self.prepare_task_dataset(dataset)
         # train() builds the optimizer, the scheduler and any DDP wrapper again, for the new trainable set
         self.optimizer, self.lr_scheduler, self.model_wrapped = None, None, self.peft_model
-        output = self.train(resume_from_checkpoint=checkpoint)
+        with self._sharded() if self.shards_tasks else contextlib.nullcontext():
+            output = self.train(resume_from_checkpoint=checkpoint)
         self._save_task(task)
         return output
+
+    @contextlib.contextmanager
+    def _sharded(self) -> Iterator[None]:
+        """Train an FSDP2-sharded copy of the model in its place, then put the unsharded model back, holding what
+        the copy learned. Trainer treats the copy as a model sharded at load time: it builds the optimizer on the
+        shards and adds mixed precision, but no DDP wrapper."""
+        plain = self.peft_model
+        with sharded_copy(plain) as sharded:
+            self.model = self.model_wrapped = sharded
+            self.is_distributed_loading_by_transformers = True
+            try:
+                yield
+            finally:
+                self.model = self.model_wrapped = self.callback_handler.model = plain
+                self.is_distributed_loading_by_transformers = False
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """Trainer's Accelerator, without the FSDP plugin that `args.fsdp` asks for: each task is sharded by
+        `_sharded` instead."""
+        plugin_args, self.args.fsdp_plugin_args = self.args.fsdp_plugin_args, None
+        try:
+            super().create_accelerator_and_postprocess()
+        finally:
+            self.args.fsdp_plugin_args = plugin_args
 
     def prepare_task_dataset(self, dataset: Dataset) -> Dataset:
         """A task's training set as the model reads it: a causal LM's prompt/target pairs become token ids with the

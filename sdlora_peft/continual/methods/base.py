@@ -52,6 +52,7 @@ class Method:
 
     name = "linear"
     trains = True
+    shards = True  # trains under `--fsdp`: nothing it does during training reads the parameters outside the forward
 
     def __init__(self, options: AdapterOptions) -> None:
         self.options = options

@@ -30,6 +30,7 @@ class OLoRA(SequentialLoRA):
     `lambda_2 * (||A_t||_F^2 + ||B_t||_F^2)`, with `(lambda_1, lambda_2) = AdapterOptions.olora_lambdas`."""
 
     name = "olora"
+    shards = False  # the penalty reads the factors between forward passes, where FSDP holds only shards
 
     def __init__(self, options: AdapterOptions) -> None:
         super().__init__(options)

@@ -72,6 +72,7 @@ class SDLoRAAblation(SDLoRA):
     def __init__(self, options: AdapterOptions, mode: str) -> None:
         super().__init__(options, f"ablation-{mode}")
         self.mode = mode
+        self.shards = mode != "fixed"  # its gradient hooks sit on the unsharded magnitudes, not on a sharded copy's
 
     def end_task(self, model: nn.Module, is_last: bool) -> nn.Module:
         if self.mode == "single" or (self.mode == "first" and sdlora_config(model).current_task > 0):
