@@ -139,6 +139,20 @@ def test_ranpac_ridge_is_the_best_held_out_fit_of_the_task():
     assert held_out_error(float(head.ridge)) <= min(errors) * (1 + 1e-6)
 
 
+def test_ranpac_ridge_minimises_the_held_out_error_summed_over_the_tasks():
+    """A task's own choice is noisy with few samples; the head takes the ridge best over every task so far."""
+    features, labels = blobs([0, 1, 2, 3], per_class=10, dims=5, seed=4)
+    head = RanPACHead(projection_dim=32, seed=1)
+    first, second = labels < 2, labels >= 2
+    head.end_task(nn.Identity(), features[first], labels[first], [0, 1])
+    after_first = head.ridge_errors.clone()
+    assert float(head.ridge) == RIDGES[int(after_first.argmin())] and (after_first > 0).all()
+    head.end_task(nn.Identity(), features[second], labels[second], [2, 3])
+    second_errors = head._ridge_errors(head.project(features[second]), labels[second])  # end_task's own split
+    torch.testing.assert_close(head.ridge_errors, after_first + second_errors)
+    assert float(head.ridge) == RIDGES[int((after_first + second_errors).argmin())]
+
+
 def test_ranpac_state_round_trip_redraws_the_same_projection():
     features, labels = blobs([0, 1], dims=4)
     head = RanPACHead(projection_dim=16, seed=3)
