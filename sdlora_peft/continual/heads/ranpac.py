@@ -54,20 +54,27 @@ class RanPACHead(Head):
         errors = self._ridge_errors(hidden, labels)
         if errors is not None:
             self.ridge_errors = self.ridge_errors + errors
-            self.ridge = torch.tensor(RIDGES[int(self.ridge_errors.argmin())], dtype=torch.float64)
+        # ridges below 1e-8 of the Gram matrix's trace (which bounds its largest eigenvalue) leave G + lambda I too
+        # ill-conditioned for the float64 solve: with far fewer samples than features the fit is then noise
+        floor = 1e-8 * float(self.gram.trace())
+        usable = torch.tensor([ridge >= floor for ridge in RIDGES])
+        if usable.any():
+            errors_so_far = torch.where(usable, self.ridge_errors, torch.inf)
+            self.ridge = torch.tensor(RIDGES[int(errors_so_far.argmin())], dtype=torch.float64)
         self._weights = None
 
     def _ridge_errors(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """Each candidate ridge's held-out mean squared error when fitting 80% of this task's samples (a seeded
         split of at most `RIDGE_SAMPLES` of them; one thin SVD serves every candidate); None with too few samples."""
         seen = sorted(self.class_sums)
-        targets = (labels.unsqueeze(1) == torch.tensor(seen).unsqueeze(0)).float()
+        targets = (labels.unsqueeze(1) == torch.tensor(seen).unsqueeze(0)).double()
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed + len(seen)))
         order = order[:RIDGE_SAMPLES]
         cut = int(0.8 * len(order))
         fit, held = order[:cut], order[cut:]
         if len(held) == 0:
             return None
+        hidden = hidden.double()  # in float32 the smallest ridges' errors are rounding noise
         U, S, Vh = torch.linalg.svd(hidden[fit], full_matrices=False)
         projected_targets = U.T @ targets[fit]
         held_basis = hidden[held] @ Vh.T
