@@ -110,7 +110,9 @@ class RanPACHead(Head):
         tensors = {f"class_sums.{label}": t.contiguous() for label, t in self.class_sums.items()}
         if self.gram is not None:
             tensors["gram"] = self.gram
-        return {**tensors, "ridge": self.ridge, "ridge_errors": self.ridge_errors}, {"class_sums": list(self.class_sums)}
+        return {**tensors, "ridge": self.ridge, "ridge_errors": self.ridge_errors}, {
+            "class_sums": list(self.class_sums)
+        }
 
     def load_state(self, tensors: dict[str, torch.Tensor], order: dict[str, list[int]]) -> None:
         self.class_sums = {label: tensors[f"class_sums.{label}"] for label in order["class_sums"]}
