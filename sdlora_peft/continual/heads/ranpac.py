@@ -58,7 +58,7 @@ class RanPACHead(Head):
         # ill-conditioned for the float64 solve: with far fewer samples than features the fit is then noise
         floor = 1e-8 * float(self.gram.trace())
         usable = torch.tensor([ridge >= floor for ridge in RIDGES])
-        if usable.any():
+        if usable.any() and self.ridge_errors.any():  # no held-out sample yet: nothing to choose by
             errors_so_far = torch.where(usable, self.ridge_errors, torch.inf)
             self.ridge = torch.tensor(RIDGES[int(errors_so_far.argmin())], dtype=torch.float64)
         self._weights = None
