@@ -16,5 +16,4 @@ run() {  # name, options...
 run fast-normalized          --lr 1e-3 --head-lr 1e-2 --freeze-scale normalized
 run fast-normalized-mlr1e-2  --lr 1e-3 --head-lr 1e-2 --freeze-scale normalized --magnitude-lr 1e-2
 run slow-normalized          --lr 1e-4 --head-lr 1e-3 --freeze-scale normalized
-run slow-normalized          --lr 1e-4 --head-lr 1e-3 --freeze-scale normalized
 run slow-normalized-mlr1e-2  --lr 1e-4 --head-lr 1e-3 --freeze-scale normalized --magnitude-lr 1e-2
