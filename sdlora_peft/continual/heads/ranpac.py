@@ -84,7 +84,7 @@ class RanPACHead(Head):
             .mean()
             for ridge in RIDGES
         ]
-        return torch.stack(errors).double()
+        return torch.stack(errors)
 
     def scores(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         labels, weights = self._output_weights()
