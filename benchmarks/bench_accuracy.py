@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sdlora_peft.continual.report import atomic_write_bytes, build_summary, results_markdown
+from sdlora_peft.continual.report import atomic_write_bytes, merge_results, results_markdown
 
 ADAPTED = ("sdlora", "sdlora-rr", "sdlora-kd", "sdlora-fsa", "lora-seq", "lora-merge", "inflora", "olora", "joint")
 FROZEN = ("ncm@ncm", "ncm@lda", "ncm@ranpac", "linear@linear", "linear@aligned")
@@ -86,15 +86,7 @@ def run_one(suite: str, setting: str, seed: int, output: Path, quick: bool, meth
 def merge_runs(folder: Path) -> dict | None:
     """One results dict from the per-seed runs under `folder` (a suite and setting); None if there are none."""
     parts = [json.loads(path.read_text()) for path in sorted(folder.glob("seed_*/results.json"))]
-    if not parts:
-        return None
-    runs: dict[str, list[dict]] = {}
-    for part in parts:
-        for name, summary in part["methods"].items():
-            runs.setdefault(name, []).extend(summary["runs"])
-    seeds = sorted({str(p["config"]["seeds"]) for p in parts})
-    config = {**parts[0]["config"], "seeds": ",".join(seeds), "output": None}
-    return {"config": config, "methods": {name: build_summary(method_runs) for name, method_runs in runs.items()}}
+    return merge_results(parts) if parts else None
 
 
 def _final(results: dict, entry: str) -> float:

@@ -6,7 +6,7 @@ import importlib
 import json
 from pathlib import Path
 
-from sdlora_peft.continual.metrics import summarize
+from sdlora_peft.continual.metrics import incremental_accuracies, summarize
 from sdlora_peft.continual.report import build_summary
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -17,7 +17,8 @@ def _write_run(folder: Path, seed: int, finals: dict[str, float]) -> None:
     methods = {}
     for entry, final in finals.items():
         matrix = [[90.0, None], [final + 10.0, final - 10.0]]
-        methods[entry] = build_summary([{"seed": seed, "accuracy_matrix": matrix, **summarize(matrix, [10, 10])}])
+        run = {"seed": seed, "accuracy_matrix": matrix, **summarize(matrix, [10, 10])}
+        methods[entry] = build_summary([{**run, "incremental_accuracies": incremental_accuracies(matrix, [10, 10])}])
     config = {"model": "m", "dataset": "d", "num_tasks": 2, "seeds": seed, "methods": ",".join(finals)}
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps({"config": config, "methods": methods}))
@@ -47,3 +48,19 @@ def test_runs_merge_and_each_method_is_reported_at_its_best_setting(tmp_path, mo
     assert "| lora-seq |" not in summary  # not run
     assert "Headroom (best joint - best frozen `ncm@lda` 84.00): +6.00." in summary
     assert f"Best SD-LoRA pipeline `sdlora@{head}` (fast) 81.00: -3.00 against it." in summary
+
+
+def test_merge_script_joins_runs_split_over_processes(tmp_path, monkeypatch):
+    """Seeds 0 and 1 written by two processes: merged, one results.json with both seeds, its table and plots."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    merge = importlib.import_module("merge_results")
+    for seed in (0, 1):
+        _write_run(tmp_path / f"seed{seed}", seed, {"sdlora": 70.0 + 4 * seed, "lora-seq": 60.0})
+
+    assert merge.main([str(tmp_path / "merged"), str(tmp_path / "seed0"), str(tmp_path / "seed1")]) == 0
+
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["config"]["seeds"] == "0,1"
+    assert merged["methods"]["sdlora"]["final_accuracy"]["mean"] == 72.0
+    assert "| sdlora | 72.00 ± 2.83 |" in (tmp_path / "merged" / "results.md").read_text()
+    assert (tmp_path / "merged" / "accuracy_curves.png").stat().st_size > 0

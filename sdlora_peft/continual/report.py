@@ -47,6 +47,25 @@ def build_summary(runs: list[dict]) -> dict:
     return summary
 
 
+def merge_results(parts: Sequence[Mapping]) -> dict:
+    """One ``results`` from several (runs of other seeds or methods with otherwise the same options, e.g. written
+    by separate processes): each method's runs joined in order, its summary rebuilt, the seeds of every part in
+    the config. A (method, seed) pair found twice is refused, since one of the two would be silently lost."""
+    if not parts:
+        raise ValueError("merge_results needs at least one results dict")
+    runs: dict[str, list[dict]] = {}
+    for part in parts:
+        for name, summary in part["methods"].items():
+            known = {run["seed"] for run in runs.get(name, [])}
+            for run in summary["runs"]:
+                if run["seed"] in known:
+                    raise ValueError(f"{name} seed {run['seed']} is in two of the results merged; keep one of them.")
+                runs.setdefault(name, []).append(run)
+    seeds = sorted({int(seed) for part in parts for seed in str(part["config"]["seeds"]).split(",")})
+    config = {**parts[0]["config"], "seeds": ",".join(map(str, seeds)), "output": None}
+    return {"config": config, "methods": {name: build_summary(method_runs) for name, method_runs in runs.items()}}
+
+
 def _mean_of(runs: Sequence[Mapping], key: str) -> float | None:
     """Mean over runs of an optional per-run number; None when no run has it."""
     values = [run[key] for run in runs if run.get(key) is not None]

@@ -12,6 +12,7 @@ from sdlora_peft.continual.report import (
     atomic_write_dir,
     build_summary,
     console_table,
+    merge_results,
     results_markdown,
     write_json,
     write_results,
@@ -71,6 +72,26 @@ def test_build_summary_means_and_sample_std():
 def test_build_summary_needs_runs():
     with pytest.raises(ValueError, match="at least one run"):
         build_summary([])
+
+
+def _part(seeds: list[int], methods: list[str]) -> dict:
+    """The results one process would write for these seeds and methods."""
+    summaries = {name: build_summary([_run(s, MATRICES[name][s], name) for s in seeds]) for name in methods}
+    return {"config": {"dataset": "toy", "seeds": ",".join(map(str, seeds)), "output": "a"}, "methods": summaries}
+
+
+def test_merge_results_equals_one_run_of_every_seed():
+    """Seed 0 of both methods in one process, seed 1 of each in two others: merged, the same as one process."""
+    merged = merge_results([_part([0], ["sdlora", "seq-lora"]), _part([1], ["sdlora"]), _part([1], ["seq-lora"])])
+    assert merged["methods"] == make_results()["methods"]
+    assert merged["config"] == {"dataset": "toy", "seeds": "0,1", "output": None}
+
+
+def test_merge_results_refuses_a_seed_twice():
+    with pytest.raises(ValueError, match="sdlora seed 0 is in two"):
+        merge_results([_part([0], ["sdlora"]), _part([0, 1], ["sdlora"])])
+    with pytest.raises(ValueError, match="at least one"):
+        merge_results([])
 
 
 def test_markdown_rows_in_method_order_with_mean_and_std():
