@@ -2,8 +2,9 @@
 
     python benchmarks/merge_results.py OUTDIR RUN_DIR [RUN_DIR ...]
 
-Each RUN_DIR holds a `results.json` written by `sdlora-cil` or `sdlora-clm`; OUTDIR gets the merged
-`results.json`, `results.md` and the plots, as one process running every seed and method would have written them.
+Each RUN_DIR is the OUTDIR of a `sdlora-cil` or `sdlora-clm` run: its `results.json`, or, for a run cut short, the
+(method, seed) runs it finished. OUTDIR gets the merged `results.json`, `results.md` and the plots, as one process
+running every seed and method would have written them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from pathlib import Path
 
 from sdlora_peft.continual.plots import write_plots
 from sdlora_peft.continual.report import merge_results, write_results
+from sdlora_peft.continual.runs import finished_results
+
+
+def read_run(folder: Path) -> dict:
+    """A run's results; those of its finished (method, seed) runs if it was cut short."""
+    results = folder / "results.json"
+    return json.loads(results.read_text()) if results.is_file() else finished_results(folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", type=Path)
     parser.add_argument("runs", type=Path, nargs="+")
     args = parser.parse_args(argv)
-    missing = [str(run) for run in args.runs if not (run / "results.json").is_file()]
-    if missing:
-        parser.error(f"no results.json in {', '.join(missing)}; pass the folders that sdlora-cil/-clm wrote.")
-    merged = merge_results([json.loads((run / "results.json").read_text()) for run in args.runs])
+    try:
+        merged = merge_results([read_run(run) for run in args.runs])
+    except ValueError as error:
+        parser.error(str(error))
     write_results(merged, args.output)
     write_plots(merged, args.output)
     print(f"merged {len(args.runs)} runs into {args.output}")

@@ -160,7 +160,7 @@ def plot_magnitudes(results: Mapping, outdir: str | os.PathLike) -> list[Path]:
     stems = _file_stems(list(methods))
     paths = []
     for name, summary in methods.items():
-        run = next((run for run in summary["runs"] if run.get("magnitudes")), None)
+        run = next((run for run in summary["runs"] if any(run.get("magnitudes") or [])), None)  # a kept direction
         if run is not None:
             paths.append(_save(_plot_magnitude_run(name, run), Path(outdir) / f"magnitudes_{stems[name]}.png"))
     return paths

@@ -137,6 +137,26 @@ def finished_record(args: argparse.Namespace, name: str, seed: int) -> dict | No
     return json.loads(path.read_text()) if args.resume and path.is_file() else None
 
 
+def finished_results(output: str | os.PathLike) -> dict:
+    """The results of the (method, seed) runs that a started run in `output` has finished, as its command would
+    report them had it been run with those seeds alone: what a run cut short has measured, without resuming it."""
+    output = Path(output)
+    if not (output / "config.json").is_file():
+        raise ValueError(f"{output} holds no started run (no config.json); pass the OUTDIR of a sdlora-cil/-clm run.")
+    config = json.loads((output / "config.json").read_text())
+    methods: dict[str, list[dict]] = {}
+    for name in csv_list(config["methods"]):
+        for seed in csv_list(str(config["seeds"]), int):
+            path = run_state(output, name, seed).with_suffix(".json")
+            if path.is_file():
+                methods.setdefault(name, []).append(json.loads(path.read_text()))
+    if not methods:
+        raise ValueError(f"{output}: no (method, seed) run has finished yet; nothing to report.")
+    seeds = sorted({run["seed"] for runs in methods.values() for run in runs})
+    summaries = {name: build_summary(runs) for name, runs in methods.items()}
+    return {"config": {**config, "seeds": ",".join(map(str, seeds)), "output": str(output)}, "methods": summaries}
+
+
 def _save_adapter(folder: Path, model: PeftModel, record: dict, dataset: str) -> None:
     """The adapter; an SD-LoRA adapter's model card also gets the run's results."""
     model.save_pretrained(str(folder))

@@ -47,6 +47,14 @@ def test_methods_without_magnitudes_get_no_magnitude_plot(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_method_that_kept_no_direction_gets_no_magnitude_plot(tmp_path):
+    """The paper's one-component ablation never advances: it records an empty row of magnitudes after each task."""
+    results = make_results()
+    for run in results["methods"]["sdlora"]["runs"]:
+        run["magnitudes"] = [[], [], []]
+    assert plots.plot_magnitudes(results, tmp_path) == []
+
+
 def test_free_text_method_names_get_distinct_safe_files(tmp_path):
     results = make_results()
     sdlora = results["methods"]["sdlora"]

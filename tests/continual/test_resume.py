@@ -100,6 +100,31 @@ def test_stopped_run_resumes_to_the_uninterrupted_results(reference, tmp_path, m
     assert_same_results(output, reference, methods.split(","))
 
 
+def test_a_run_cut_short_reports_what_it_finished(reference, tmp_path, monkeypatch):
+    """Stopped in lora-merge's second task: its finished sdlora run is reported as the uninterrupted run has it."""
+    output = tmp_path / "out"
+    save_checkpoint = checkpoint.save_checkpoint
+
+    def save_then_stop(directory, *args, **kwargs):
+        path = save_checkpoint(directory, *args, **kwargs)
+        if directory.parent.name == "lora-merge@ncm" and path.name == "task_2":
+            raise Stop
+        return path
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        cli.main([*ARGS, "--methods", "sdlora,lora-merge@ncm", "--output", str(output)])
+
+    results = runs.finished_results(output)
+    expected = json.loads((reference / "results.json").read_text())["methods"]["sdlora"]
+    assert list(results["methods"]) == ["sdlora"]
+    assert results["methods"]["sdlora"]["runs"][0]["accuracy_matrix"] == expected["runs"][0]["accuracy_matrix"]
+    assert results["methods"]["sdlora"]["final_accuracy"] == expected["final_accuracy"]
+    assert results["config"]["seeds"] == "0" and results["config"]["methods"] == "sdlora,lora-merge@ncm"
+    with pytest.raises(ValueError, match="no config.json"):
+        runs.finished_results(tmp_path / "elsewhere")
+
+
 @pytest.mark.parametrize("method", ["sdlora", "inflora"])
 def test_killed_process_resumes_to_the_uninterrupted_results(reference, tmp_path, method):
     """The real command, killed (SIGKILL) while it learns the method's second task, then resumed."""
