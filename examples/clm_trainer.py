@@ -29,7 +29,8 @@ args = parser.parse_args()
 
 model, tokenizer, _ = zoo.load_causal_lm(args.model)
 layers = [int(i) for i in args.layers.split(",") if int(i) < model.config.num_hidden_layers]
-model = get_peft_model(model, SDLoraConfig(r=8, task_type="CAUSAL_LM", layers_to_transform=layers or None))
+config = SDLoraConfig(r=8, target_modules="all-linear", layers_to_transform=layers or None, task_type="CAUSAL_LM")
+model = get_peft_model(model, config)  # every linear layer of those blocks learns: see the README's LM table
 tasks = [load_task(name, tokenizer, max_train=args.per_task, max_test=args.per_task) for name in args.tasks.split(",")]
 
 training_args = TrainingArguments(

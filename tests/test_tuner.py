@@ -387,6 +387,14 @@ def test_default_targets_are_query_and_value(name):
     assert len(model.base_model.targeted_module_names) == (2 if name == "gpt2" else 4)
 
 
+def test_all_linear_targets_every_linear_layer_but_the_output_layer():
+    """PEFT's "all-linear" shorthand, as a causal LM's users pass it: the tied output layer stays as it is."""
+    _, model = make_peft(CASE_BY_NAME["llama"], target_modules="all-linear", task_type="CAUSAL_LM")
+    targeted = {key.rsplit(".", 1)[-1] for key in model.base_model.targeted_module_names}
+    assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not isinstance(model.base_model.model.lm_head, SDLoraLayer)
+
+
 def outputs_with_grad_enabled(model, inputs) -> torch.Tensor:
     """The low-rank path: autograd on, so the cached inference weight is not used."""
     out = model(inputs) if isinstance(inputs, torch.Tensor) else model(**inputs)

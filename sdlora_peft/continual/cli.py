@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         "adapters once per dataset where that is exact (auto), or every time (off)")  # fmt: skip
     add("--r", type=count, default=10, help="adapter rank (every method)")
     add("--layers", default=None, help="comma-separated block indices to adapt (default: all)")
-    add("--target-modules", default=None, help="comma-separated module names (default: query/value projections)")
+    add("--target-modules", default=None, help=runs.TARGET_MODULES_HELP)
     add("--magnitude-sharing", default="global", choices=("global", "layer"))
     add("--freeze-scale", default="preserve", choices=FREEZE_SCALES)
     add("--olora-lambdas", default="0.5,0", help="O-LoRA's lambda_1 (orthogonality to the earlier tasks' LoRAs), "
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
     classes = dataset_classes(train_data, args.label_column)
     options = AdapterOptions(
         r=args.r,
-        target_modules=optional_csv(args.target_modules),
+        target_modules=runs.target_modules(args.target_modules),
         layers_to_transform=optional_csv(args.layers, int),
         sdlora={"magnitude_sharing": args.magnitude_sharing, "freeze_scale": args.freeze_scale},
         olora_lambdas=_pair(args.olora_lambdas, "--olora-lambdas"),

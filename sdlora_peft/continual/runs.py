@@ -103,6 +103,14 @@ def optional_csv(value: str | None, cast: type = str) -> list | None:
     return None if value is None else csv_list(value, cast)
 
 
+def target_modules(value: str | None) -> list[str] | str | None:
+    """``--target-modules``: comma-separated names, or PEFT's ``all-linear`` (every linear layer but the output)."""
+    return value if value == "all-linear" else optional_csv(value)
+
+
+TARGET_MODULES_HELP = "comma-separated module names, or all-linear (default: query/value projections)"
+
+
 def run_config(args: argparse.Namespace) -> dict:
     return {name: value for name, value in vars(args).items() if name not in NOT_CONFIG}
 

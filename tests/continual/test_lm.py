@@ -165,14 +165,17 @@ def test_sdlora_clm_end_to_end_and_resume(tmp_path):
         folders.append(str(tmp_path / task.name))
         datasets.DatasetDict(train=task.train, test=task.test).save_to_disk(folders[-1])
     argv = ["--model", "tiny-llama", "--tasks", ",".join(folders), "--methods", "sdlora,lora-seq,zero-shot,joint",
-            "--epochs", "2", "--lr", "5e-2", "--r", "4", "--target-modules", ",".join(EVERY_PROJECTION),
+            "--epochs", "2", "--lr", "5e-2", "--r", "4", "--target-modules", "all-linear",
             "--exact-match", "--output", str(tmp_path / "out")]  # fmt: skip
     cli.main(argv)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert list(results["methods"]) == ["sdlora", "lora-seq", "zero-shot", "joint"]
     (run_,) = results["methods"]["sdlora"]["runs"]
     assert run_["tasks"] == ["colours", "sounds"] and run_["exact_match_matrix"][1][0] is not None
-    assert (tmp_path / "out" / "adapters" / "sdlora" / "seed_0" / "adapter_model.safetensors").is_file()
+    adapter = tmp_path / "out" / "adapters" / "sdlora" / "seed_0"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    assert set(targets) == set(EVERY_PROJECTION)  # all-linear: every projection, not the output layer
     assert (tmp_path / "out" / "accuracy_curves.png").is_file() and (tmp_path / "out" / "results.md").is_file()
     # `python -m` resumes the finished run from its saved options and gives the same table
     done = subprocess.run(

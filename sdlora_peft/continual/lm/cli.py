@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--exact-match", action="store_true", help="also score greedy generation by exact match")
     add("--r", type=count, default=8, help="adapter rank (every method)")
     add("--layers", default=None, help="comma-separated block indices to adapt (default: all)")
-    add("--target-modules", default=None, help="comma-separated module names (default: query/value projections)")
+    add("--target-modules", default=None, help=runs.TARGET_MODULES_HELP)
     add("--magnitude-sharing", default="global", choices=("global", "layer"))
     add("--freeze-scale", default="preserve", choices=("preserve", "unit"))
     add("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> dict:
     names, task_names = csv_list(args.methods), csv_list(args.tasks)
     options = AdapterOptions(
         r=args.r,
-        target_modules=optional_csv(args.target_modules),
+        target_modules=runs.target_modules(args.target_modules),
         layers_to_transform=optional_csv(args.layers, int),
         sdlora={"magnitude_sharing": args.magnitude_sharing, "freeze_scale": args.freeze_scale},
         task_type="CAUSAL_LM",

@@ -26,7 +26,7 @@ class AdapterOptions:
     """Adapter settings shared by every method, so that they differ only in how tasks follow each other."""
 
     r: int = 10
-    target_modules: list[str] | None = None
+    target_modules: list[str] | str | None = None  # names, or PEFT's "all-linear"
     layers_to_transform: list[int] | None = None
     sdlora: dict = field(default_factory=dict)  # extra SDLoraConfig fields (magnitude_sharing, freeze_scale, ...)
     task_type: str | None = None  # PEFT's task type; "CAUSAL_LM": a language model, no classification layer
