@@ -139,9 +139,14 @@ def run_state(output: Path, name: str, seed: int) -> Path:
     return output / "checkpoints" / name / f"seed_{seed}"
 
 
+def record_path(output: Path, name: str, seed: int) -> Path:
+    """Where a finished (method, seed) run's record lies, beside its checkpoints."""
+    return run_state(output, name, seed).with_suffix(".json")
+
+
 def finished_record(args: argparse.Namespace, name: str, seed: int) -> dict | None:
     """The record of a (method, seed) run that a resumed command finished before, if any."""
-    path = run_state(Path(args.output), name, seed).with_suffix(".json")
+    path = record_path(Path(args.output), name, seed)
     return json.loads(path.read_text()) if args.resume and path.is_file() else None
 
 
@@ -155,7 +160,7 @@ def finished_results(output: str | os.PathLike) -> dict:
     methods: dict[str, list[dict]] = {}
     for name in csv_list(config["methods"]):
         for seed in csv_list(str(config["seeds"]), int):
-            path = run_state(output, name, seed).with_suffix(".json")
+            path = record_path(output, name, seed)
             if path.is_file():
                 methods.setdefault(name, []).append(json.loads(path.read_text()))
     if not methods:
@@ -175,13 +180,12 @@ def _save_adapter(folder: Path, model: PeftModel, record: dict, dataset: str) ->
 def finish(output: Path, name: str, seed: int, model: object, record: dict, dataset: str) -> None:
     """Save a finished (method, seed) run: its adapter, then its record, which tells --resume the run is done,
     then forget its checkpoints."""
-    state = run_state(output, name, seed)
     if isinstance(model, PeftModel):
         atomic_write_dir(
             output / "adapters" / name / f"seed_{seed}", lambda tmp: _save_adapter(tmp, model, record, dataset)
         )
-    write_json(state.with_suffix(".json"), record)
-    shutil.rmtree(state, ignore_errors=True)
+    write_json(record_path(output, name, seed), record)
+    shutil.rmtree(run_state(output, name, seed), ignore_errors=True)
 
 
 def keep_run(
