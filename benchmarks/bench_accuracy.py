@@ -61,26 +61,40 @@ def entries(setting: str, methods: list[str]) -> list[str]:
     return [f"{method}@{head}" for method in methods for head in HEADS]
 
 
-def run_dir(output: Path, suite: str, setting: str, seed: int) -> Path:
-    return output / suite / setting / f"seed_{seed}"
+def run_dir(output: Path, suite: str, setting: str, seed: int, part: int = 0) -> Path:
+    """Where one seed's run lies; `part` > 0: a later run of methods added after the first one finished."""
+    return output / suite / setting / (f"seed_{seed}" if part == 0 else f"seed_{seed}.{part}")
 
 
-def run_one(suite: str, setting: str, seed: int, output: Path, quick: bool, methods: list[str]) -> None:
-    """One `sdlora-cil` process: every method of one setting on one seed (resumed if it was cut short)."""
-    target = run_dir(output, suite, setting, seed)
-    if (target / "results.json").exists():
-        return
-    if (target / "config.json").exists():
-        command = ["--resume", str(target)]
-    else:
-        suite_args = ["--dataset", suite, *QUICK] if quick else [*SUITES[suite], *COMMON]
-        rates = SETTINGS.get(setting, SETTINGS[DEFAULT_SETTING])
-        command = [*suite_args, *rates, "--seeds", str(seed), "--methods", ",".join(entries(setting, methods)),
-                   "--output", str(target)]  # fmt: skip
+def _command(target: Path, suite: str, setting: str, seed: int, quick: bool, todo: list[str]) -> list[str]:
+    """The `sdlora-cil` options of a new run of the entries `todo`, written to `target`."""
+    suite_args = ["--dataset", suite, *QUICK] if quick else [*SUITES[suite], *COMMON]
+    rates = SETTINGS.get(setting, SETTINGS[DEFAULT_SETTING])
+    return [*suite_args, *rates, "--seeds", str(seed), "--methods", ",".join(todo), "--output", str(target)]
+
+
+def _sdlora_cil(target: Path, command: list[str]) -> None:
     target.mkdir(parents=True, exist_ok=True)
     with open(target / "run.log", "a") as log:
         subprocess.run([sys.executable, "-m", "sdlora_peft.continual.cli", *command], check=True, stdout=log,
                        stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def run_one(suite: str, setting: str, seed: int, output: Path, quick: bool, methods: list[str]) -> None:
+    """Run the entries of one setting and seed that no earlier run of it holds, in one `sdlora-cil` process.
+
+    A run cut short is resumed first. Entries asked for later (a method added to the table) get a run folder of
+    their own beside the earlier ones, and the merge joins them; nothing already run is run again."""
+    done: set[str] = set()
+    part = 0
+    while (target := run_dir(output, suite, setting, seed, part)).joinpath("config.json").exists():
+        if not (target / "results.json").exists():
+            _sdlora_cil(target, ["--resume", str(target)])
+        done |= set(json.loads((target / "results.json").read_text())["methods"])
+        part += 1
+    todo = [entry for entry in entries(setting, methods) if entry not in done]
+    if todo:
+        _sdlora_cil(target, _command(target, suite, setting, seed, quick, todo))
 
 
 def merge_runs(folder: Path) -> dict | None:

@@ -64,3 +64,26 @@ def test_merge_script_joins_runs_split_over_processes(tmp_path, monkeypatch):
     assert merged["methods"]["sdlora"]["final_accuracy"]["mean"] == 72.0
     assert "| sdlora | 72.00 ± 2.83 |" in (tmp_path / "merged" / "results.md").read_text()
     assert (tmp_path / "merged" / "accuracy_curves.png").stat().st_size > 0
+
+
+def test_a_method_added_later_runs_beside_the_earlier_run(tmp_path, monkeypatch):
+    """seed 0 already holds sdlora's entries; asking for sdlora and lora-merge runs only lora-merge, in a folder of
+    its own, leaves the first run as it was, and the merge holds all four entries."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench = importlib.import_module("bench_accuracy")
+    first = bench.run_dir(tmp_path, "digits", "slow", 0)
+    _write_run(first, 0, {f"sdlora@{head}": 70.0 for head in bench.HEADS})
+    (first / "config.json").write_text("{}")
+    before = (first / "results.json").read_bytes()
+
+    bench.main(["--quick", "--suites", "digits", "--settings", "slow", "--seeds", "0", "--methods",
+                "sdlora,lora-merge", "--output", str(tmp_path)])  # fmt: skip
+
+    added = json.loads((bench.run_dir(tmp_path, "digits", "slow", 0, part=1) / "results.json").read_text())
+    assert sorted(added["methods"]) == sorted(f"lora-merge@{head}" for head in bench.HEADS)
+    assert (first / "results.json").read_bytes() == before
+    merged = json.loads((tmp_path / "digits" / "slow" / "results.json").read_text())
+    assert sorted(merged["methods"]) == sorted(f"{m}@{head}" for m in ("sdlora", "lora-merge") for head in bench.HEADS)
+    bench.main(["--quick", "--suites", "digits", "--settings", "slow", "--seeds", "0", "--methods",
+                "sdlora,lora-merge", "--output", str(tmp_path)])  # fmt: skip
+    assert not bench.run_dir(tmp_path, "digits", "slow", 0, part=2).exists()  # nothing left to run
