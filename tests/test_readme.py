@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 from pathlib import Path
 
 from peft.config import PeftConfig
 
 from sdlora_peft import SDLoraConfig
+from sdlora_peft.continual import cli, zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -41,3 +43,14 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     assert "make conformance" in README
     assert "make conformance" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_demo_is_an_offline_sdlora_cil_run_of_three_seeds():
+    """`make demo`'s options parse, name offline zoo sets, and compare SD-LoRA with sequential LoRA and a frozen head."""
+    makefile = (ROOT / "Makefile").read_text()
+    demo_args = re.search(r"^DEMO_ARGS := (.*?)(?<!\\)$", makefile, flags=re.MULTILINE | re.DOTALL).group(1)
+    args = cli.parse_args(shlex.split(demo_args.replace("\\\n", " ")) + ["--output", "unused"])
+    assert args.model in zoo.MODEL_NAMES and args.dataset in zoo.DATASET_NAMES
+    assert args.seeds == "0,1,2"
+    methods = args.methods.split(",")
+    assert {"sdlora", "lora-seq"} <= set(methods) and any(method.startswith("ncm") for method in methods)
