@@ -8,11 +8,11 @@
 Every (suite, setting, seed) is one `sdlora-cil` process that runs all its methods, written to
 OUTDIR/<suite>/<setting>/seed_<s>/; one process shares the frozen blocks' cached states between its methods, and a
 run cut short keeps what finished (`--resume`). Methods asked for after a run finished run on their own, in
-seed_<s>.1/ (then .2, ...); what is already on disk is never run again. The search budget is the same for every adapted method: each runs
-at every setting of `SETTINGS` (learning rates of the adapters and of the head) under every head of `HEADS`; the
-frozen-backbone methods, with nothing to tune but their head, run once ("frozen") with every head. The summary
-(OUTDIR/ACCURACY.md) gives each method at its best setting and at the shared default, the headroom (joint training
-minus the best frozen method) and the best SD-LoRA pipeline against the best frozen method.
+seed_<s>.1/ (then .2, ...); what is already on disk is never run again. The search budget is the same for every
+adapted method: each runs at every setting of `SETTINGS` (learning rates of the adapters and of the head) under every
+head of `HEADS`; the frozen-backbone methods, with nothing to tune but their head, run once ("frozen") with every
+head. The summary (OUTDIR/ACCURACY.md) gives each method at its best setting and at the shared default, the headroom
+(joint training minus the best frozen method) and the best SD-LoRA pipeline against the best frozen method.
 
 The best setting is chosen by the mean final accuracy over the seeds run, on the test split, in the same way for
 every method: the numbers at the best setting are optimistic for all of them alike; the default-setting numbers are

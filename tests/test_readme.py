@@ -46,7 +46,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_the_demo_is_an_offline_sdlora_cil_run_of_three_seeds():
-    """`make demo`'s options parse, name offline zoo sets, and compare SD-LoRA with sequential LoRA and a frozen head."""
+    """`make demo`'s options parse, name offline zoo sets and compare SD-LoRA, sequential LoRA and a frozen head."""
     makefile = (ROOT / "Makefile").read_text()
     demo_args = re.search(r"^DEMO_ARGS := (.*?)(?<!\\)$", makefile, flags=re.MULTILINE | re.DOTALL).group(1)
     args = cli.parse_args(shlex.split(demo_args.replace("\\\n", " ")) + ["--output", "unused"])
