@@ -17,7 +17,9 @@ from torch import nn
 
 from sdlora_peft.continual import checkpoint, cli, zoo
 
-TINY = ["--model", "tiny-dinov2", "--dataset", "digits", "--image-size", "32", "--epochs", "1", "--batch-size", "16"]
+# RanPAC at 256 random features: its 5000-wide default solve would take most of a tiny run's time
+TINY = ["--model", "tiny-dinov2", "--dataset", "digits", "--image-size", "32", "--epochs", "1", "--batch-size", "16",
+        "--ranpac-dim", "256"]  # fmt: skip
 
 
 def run_cli(tmp_path, *extra: str) -> dict:
@@ -92,7 +94,7 @@ def test_text_dataset_from_a_saved_directory(tmp_path):
     data.save_to_disk(tmp_path / "fruit")
     output = tmp_path / "text"
     cli.main(["--model", "tiny-bert", "--dataset", str(tmp_path / "fruit"), "--num-tasks", "3", "--epochs", "1",
-              "--methods", "sdlora,ncm", "--output", str(output)])  # fmt: skip
+              "--ranpac-dim", "256", "--methods", "sdlora,ncm", "--output", str(output)])  # fmt: skip
     results = json.loads((output / "results.json").read_text())
     assert len(results["methods"]["sdlora"]["runs"][0]["accuracy_matrix"]) == 3
 
@@ -187,7 +189,8 @@ def test_paper_protocol_presets_the_options_and_keeps_steps_per_class(tmp_path):
     assert cli.parse_args(["--protocol", "paper-adam"]).optimizer == "adamw"
     # digits has at least 139 training images a class; with 20 kept the batch shrinks to keep the steps per class
     output = tmp_path / "out"
-    tiny = ["--model", "tiny-dinov2", "--dataset", "digits", "--image-size", "32", "--max-test-per-class", "10"]
+    tiny = ["--model", "tiny-dinov2", "--dataset", "digits", "--image-size", "32", "--max-test-per-class", "10",
+            "--ranpac-dim", "256"]  # fmt: skip
     cli.main([*tiny, "--protocol", "paper", "--epochs", "1", "--num-tasks", "2", "--methods", "sdlora",
               "--max-train-per-class", "20", "--output", str(output)])  # fmt: skip
     results = json.loads((output / "results.json").read_text())

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from sdlora_peft.continual import cli, zoo
 
 TINY = ["--model", "tiny-dinov2", "--dataset", "digits", "--image-size", "16", "--epochs", "1", "--batch-size", "16",
-        "--max-train-per-class", "12", "--max-test-per-class", "6", "--methods", "inflora,olora"]  # fmt: skip
+        "--max-train-per-class", "12", "--max-test-per-class", "6", "--ranpac-dim", "256",
+        "--methods", "inflora,olora"]  # fmt: skip
 
 
 def results(output) -> dict:
@@ -56,7 +57,7 @@ def fruit(tmp_path):
     data = datasets.Dataset.from_dict(rows, features=features).train_test_split(test_size=0.25, seed=0)
     data.save_to_disk(tmp_path / "fruit")
     return ["--model", "tiny-bert", "--dataset", str(tmp_path / "fruit"), "--num-tasks", "2", "--epochs", "1",
-            "--methods", "inflora,olora"]  # fmt: skip
+            "--ranpac-dim", "256", "--methods", "inflora,olora"]  # fmt: skip
 
 
 def test_peers_on_text(tmp_path, fruit):

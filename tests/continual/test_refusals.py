@@ -12,7 +12,7 @@ import pytest
 
 from sdlora_peft.continual import cli
 
-TINY = ["--model", "tiny-dinov2", "--dataset", "digits", "--image-size", "16", "--epochs", "1"]
+TINY = ["--model", "tiny-dinov2", "--dataset", "digits", "--image-size", "16", "--epochs", "1", "--ranpac-dim", "256"]
 ROOT = Path(__file__).resolve().parents[2]
 
 

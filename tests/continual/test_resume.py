@@ -20,7 +20,8 @@ from sdlora_peft.continual import checkpoint, cli, runs, train
 # weights and the subspace memory; olora: one PEFT adapter per task; sdlora-fsa: its adapter frozen again, LDA's sums
 METHODS = ["sdlora", "lora-merge@ncm", "ablation-fixed", "linear@cosine", "inflora", "olora", "sdlora-fsa@lda"]
 ARGS = ["--model", "tiny-dinov2", "--dataset", "digits", "--image-size", "16", "--epochs", "1", "--batch-size", "16",
-        "--num-tasks", "3", "--max-train-per-class", "12", "--max-test-per-class", "6", "--augment"]  # fmt: skip
+        "--num-tasks", "3", "--max-train-per-class", "12", "--max-test-per-class", "6", "--augment",
+        "--ranpac-dim", "256"]  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)

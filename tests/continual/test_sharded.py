@@ -20,7 +20,8 @@ from sdlora_peft.continual import cli, zoo
 # (lr * sign) where a gradient is near zero.
 ARGS = ["--model", "tiny-dinov2", "--dataset", "digits", "--image-size", "32", "--epochs", "1", "--batch-size", "16",
         "--num-tasks", "3", "--methods", "sdlora,lora-seq,linear", "--max-train-per-class", "16",
-        "--max-test-per-class", "9", "--optimizer", "sgd", "--lr", "0.05", "--head-lr", "0.05"]  # fmt: skip
+        "--max-test-per-class", "9", "--optimizer", "sgd", "--lr", "0.05", "--head-lr", "0.05",
+        "--ranpac-dim", "256"]  # fmt: skip
 
 
 def test_two_sharded_processes_give_the_one_process_results_and_adapters(tmp_path):

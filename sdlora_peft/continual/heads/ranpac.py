@@ -100,7 +100,8 @@ class RanPACHead(Head):
                 raise ValueError("The RanPAC head has no classes yet: call end_task first.")
             labels = sorted(self.class_sums)
             sums = torch.stack([self.class_sums[label] for label in labels], dim=1)
-            regularised = self.gram + float(self.ridge) * torch.eye(len(self.gram), dtype=self.gram.dtype)
+            regularised = self.gram.clone()
+            regularised.diagonal().add_(float(self.ridge))  # G + lambda I without a second M x M matrix
             factor, info = torch.linalg.cholesky_ex(regularised)
             solved = torch.cholesky_solve(sums, factor) if info == 0 else torch.linalg.solve(regularised, sums)
             self._weights = (labels, solved)
