@@ -32,6 +32,8 @@ TINY_ARGS = {
             "4",
             "--methods",
             "sdlora,ncm",
+            "--ranpac-dim",
+            "256",
         ],
         "sdlora: final accuracy",
     ),  # fmt: skip
