@@ -6,6 +6,10 @@ import copy
 import os
 from collections.abc import Callable
 
+# Nothing loads from the Hub at test time: set before huggingface_hub and datasets read the variables at import, so
+# a test that would reach the Hub fails at once instead of retrying a network it cannot have (subprocesses inherit it)
+os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 import pytest
 import torch
 from hypothesis import settings
