@@ -9,6 +9,10 @@ trainable block has a gradient to compute.
 It is exact when the frozen part computes the same thing every time: no active dropout there and inputs that are
 the same at every epoch (no augmentation). Otherwise the cache is not used, and `reason` says why. The states of
 padding positions are not kept (zeros replace them), which no attended token and no pooling reads.
+
+States are kept per sample, under a hash of the sample's model inputs, so that every subset of the same samples
+(another seed's task split, the test set of one task or of all seen ones) reuses them: a run of three seeds computes
+the frozen blocks once per sample, not once per seed.
 """
 
 from __future__ import annotations
@@ -119,19 +123,25 @@ class PrefixCache:
         self.reason = self._why_inexact(model, self._augmented)
         self._digest = _weights_digest(self.blocks[: self.depth]) if self.active else None
 
-    def _store_key(self, dataset: Dataset, collate: Collate) -> tuple:
-        return (self._digest, self.depth, dataset._fingerprint, _inputs_key(collate))
+    def _held(self) -> dict[bytes, torch.Tensor]:
+        """The states cached for these frozen blocks, by sample."""
+        return _STATES.setdefault((self._digest, self.depth), {})
 
     @torch.no_grad()
     def prepare(
         self, accelerator: Accelerator, model: nn.Module, dataset: Dataset, collate: Collate, batch_size: int
     ) -> None:
-        """Compute and keep the frozen part's output for every sample of `dataset` (on every process: each holds the
-        whole cache), unless it is cached already."""
-        key = self._store_key(dataset, collate)
-        if not self.active or key in _STORE:
+        """Compute and keep the frozen part's output for every sample of `dataset` that has none cached yet (on every
+        process: each holds the whole cache)."""
+        if not self.active:
             return
-        states: list[torch.Tensor] = []
+        if sum(t.numel() for held in _STATES.values() for t in held.values()) > STORE_LIMIT:
+            _STATES.clear()
+        rows = (dataset._fingerprint, _inputs_key(collate))
+        held = self._held()
+        if rows in _ROW_KEYS and all(key in held for key in _ROW_KEYS[rows]):
+            return
+        keys: list[bytes] = []
         last = self.blocks[self.depth - 1]
 
         def capture(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -145,7 +155,13 @@ class PrefixCache:
             # with the cache would then draw different initialisations than a run without it
             loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, generator=torch.Generator())
             for batch in loader:
-                batch = {k: v.to(accelerator.device) for k, v in batch.items() if k != "labels"}
+                batch = {k: v for k, v in batch.items() if k != "labels"}
+                batch_keys = _sample_keys(batch)
+                keys += batch_keys
+                missing = [i for i, key in enumerate(batch_keys) if key not in held]
+                if not missing:
+                    continue
+                batch = {k: v[missing].to(accelerator.device) for k, v in batch.items()}
                 try:
                     model(**batch)
                 except _Captured as captured:
@@ -153,12 +169,13 @@ class PrefixCache:
                 else:
                     raise RuntimeError("the forward pass did not reach the last frozen block")
                 mask = batch.get("attention_mask")
-                rows = mask.bool().cpu() if mask is not None else [None] * len(hidden)
-                states += [h if m is None else h[m] for h, m in zip(hidden, rows)]
+                masks = mask.bool().cpu() if mask is not None else [None] * len(hidden)
+                for i, h, m in zip(missing, hidden, masks):
+                    held[batch_keys[i]] = h if m is None else h[m]
         finally:
             hook.remove()
             model.train(training)
-        _remember(key, states)
+        _ROW_KEYS[rows] = keys
 
     @contextlib.contextmanager
     def replaying(
@@ -170,8 +187,8 @@ class PrefixCache:
         if not self.active:
             yield batch
             return
-        states = _STORE[self._store_key(dataset, collate)]
-        cached = _assemble([states[i] for i in indices.tolist()], batch.get("attention_mask"), indices.device)
+        keys, held = _ROW_KEYS[(dataset._fingerprint, _inputs_key(collate))], self._held()
+        cached = _assemble([held[keys[i]] for i in indices.tolist()], batch.get("attention_mask"), indices.device)
         replaced = dict.fromkeys(self.blocks[: self.depth - 1], _pass_through)
         replaced[self.blocks[self.depth - 1]] = lambda hidden_states, *args, **kwargs: cached.to(hidden_states.dtype)
         for block, forward in replaced.items():
@@ -189,16 +206,29 @@ class _Captured(Exception):
         self.output = output
 
 
-_STORE: dict[tuple, list[torch.Tensor]] = {}
-"""Cached states of the process, by (frozen weights, depth, dataset, preprocessing): runs of several methods on
-the same data and backbone (a benchmark's) compute their shared frozen blocks once."""
-STORE_LIMIT = 2**29  # floats held at most (2 GiB); past it the store starts afresh
+_STATES: dict[tuple, dict[bytes, torch.Tensor]] = {}
+"""Cached states of the process, by (frozen weights, depth), then by sample (`_sample_keys`): runs of several
+methods and seeds on the same data and backbone (a benchmark's) compute their shared frozen blocks once."""
+_ROW_KEYS: dict[tuple, list[bytes]] = {}
+"""Each row's sample key, by (dataset fingerprint, preprocessing)."""
+STORE_LIMIT = 2**29  # floats held (2 GiB) past which the next dataset prepared starts the store afresh
 
 
-def _remember(key: tuple, states: list[torch.Tensor]) -> None:
-    if sum(t.numel() for held in _STORE.values() for t in held) + sum(t.numel() for t in states) > STORE_LIMIT:
-        _STORE.clear()
-    _STORE[key] = states
+def _sample_keys(batch: dict[str, torch.Tensor]) -> list[bytes]:
+    """A hash of each sample's model inputs: its attended positions of the per-token inputs (so the padding a batch
+    adds does not change it) and the whole of any other input (pixels)."""
+    mask = batch.get("attention_mask")
+    keys = []
+    for row in range(len(next(iter(batch.values())))):
+        digest = hashlib.blake2b(digest_size=16)
+        for name in sorted(batch):
+            value = batch[name][row]
+            if mask is not None and value.shape[:1] == mask.shape[1:]:
+                value = value[mask[row].bool()]
+            digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+            digest.update(value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        keys.append(digest.digest())
+    return keys
 
 
 def _weights_digest(blocks: nn.ModuleList) -> str:

@@ -59,14 +59,17 @@ def test_the_cache_is_used_only_where_it_is_exact():
     assert "dropout" in PrefixCache(frozen).reason
 
 
-def text_tasks():
+def text_data() -> Dataset:
     """Strings of very different lengths, so that batches are padded and the cache must place states by mask."""
     texts = [("a" * (1 + i % 7)) + " " + ("xyz" * (i % 5)) + str(label) for label in range(4) for i in range(12)]
     labels = [label for label in range(4) for _ in range(12)]
     features = Features({"text": Value("string"), "label": ClassLabel(num_classes=4)})
-    data = Dataset.from_dict({"text": texts, "label": labels}, features=features)
+    return Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+
+def text_tasks():
     split = TaskSplit([[0, 1], [2, 3]])
-    return split, split_dataset(data, split), TextCollator(_char_tokenizer(), "text", "label", 32)
+    return split, split_dataset(text_data(), split), TextCollator(_char_tokenizer(), "text", "label", 32)
 
 
 def image_tasks():
@@ -117,7 +120,7 @@ def test_a_cached_run_equals_the_uncached_run_on_images():
 
 
 def test_runs_on_copies_of_one_backbone_share_the_cached_states():
-    prefix._STORE.clear()  # what earlier tests of this process cached
+    prefix._STATES.clear()  # what earlier tests of this process cached
     split, train_sets, collate = text_tasks()
     model = tiny_bert(0.0)
     calls = []
@@ -126,3 +129,28 @@ def test_runs_on_copies_of_one_backbone_share_the_cached_states():
     first = len(calls)
     run(model, "lora-seq", "ncm", split, train_sets, train_sets, collate, True, [2])  # same frozen blocks 0-1
     assert first > 0 and len(calls) == first  # the second run never ran block 0
+
+
+def test_another_task_split_of_the_same_samples_reuses_their_states():
+    prefix._STATES.clear()
+    split, train_sets, collate = text_tasks()
+    model = tiny_bert(0.0)
+    calls = []
+    model.bert.encoder.layer[0].attention.register_forward_hook(lambda *args: calls.append(1))
+    run(model, "sdlora", "linear", split, train_sets, train_sets, collate, True, [2])
+    first = len(calls)
+    other = TaskSplit([[3, 0], [1, 2]])  # another seed's class order: other subsets of the same samples
+    other_sets = split_dataset(text_data(), other)
+    _, record = run(model, "sdlora", "linear", other, other_sets, other_sets, collate, True, [2])
+    assert first > 0 and len(calls) == first
+    _, plain = run(model, "sdlora", "linear", other, other_sets, other_sets, collate, False, [2])
+    assert record["accuracy_matrix"] == plain["accuracy_matrix"]
+
+
+def test_a_sample_keeps_its_key_however_its_batch_is_padded():
+    collate = TextCollator(_char_tokenizer(), "text", "label", 32)
+    rows = [{"text": text, "label": 0} for text in ("ab", "ab", "a much longer text", "ba")]
+    alone, padded = (prefix._sample_keys({k: v for k, v in collate(batch).items() if k != "labels"})
+                     for batch in (rows[:2], rows[1:]))  # fmt: skip
+    assert alone[0] == alone[1] == padded[0]  # the same text, padded to 2 and to 18 tokens
+    assert len(set(padded)) == 3  # other texts, other keys
