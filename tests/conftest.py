@@ -178,6 +178,15 @@ def train_steps(
     model.eval()
 
 
+def run_tasks(model, inputs, tasks: int, steps: int = 2) -> list:
+    """Train and advance `tasks` times; the task records."""
+    records = []
+    for _ in range(tasks):
+        train_steps(model, inputs, steps)
+        records.append(model.advance_task())
+    return records
+
+
 def sdlora_layers(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, sdlora_peft.SDLoraLayer)]
 
