@@ -152,5 +152,5 @@ def test_a_sample_keeps_its_key_however_its_batch_is_padded():
     rows = [{"text": text, "label": 0} for text in ("ab", "ab", "a much longer text", "ba")]
     alone, padded = (prefix._sample_keys({k: v for k, v in collate(batch).items() if k != "labels"})
                      for batch in (rows[:2], rows[1:]))  # fmt: skip
-    assert alone[0] == alone[1] == padded[0]  # the same text, padded to 2 and to 18 tokens
+    assert alone[0] == alone[1] == padded[0]  # the same text in a batch of 4 tokens and in one of 17
     assert len(set(padded)) == 3  # other texts, other keys
