@@ -135,12 +135,12 @@ class PrefixCache:
         process: each holds the whole cache)."""
         if not self.active:
             return
-        if sum(t.numel() for held in _STATES.values() for t in held.values()) > STORE_LIMIT:
-            _STATES.clear()
-        rows = (dataset._fingerprint, _inputs_key(collate))
-        held = self._held()
+        rows, held = _rows_key(dataset, collate), self._held()
         if rows in _ROW_KEYS and all(key in held for key in _ROW_KEYS[rows]):
             return
+        if sum(t.numel() for states in _STATES.values() for t in states.values()) > STORE_LIMIT:
+            _STATES.clear()
+            held = self._held()
         keys: list[bytes] = []
         last = self.blocks[self.depth - 1]
 
@@ -187,7 +187,7 @@ class PrefixCache:
         if not self.active:
             yield batch
             return
-        keys, held = _ROW_KEYS[(dataset._fingerprint, _inputs_key(collate))], self._held()
+        keys, held = _ROW_KEYS[_rows_key(dataset, collate)], self._held()
         cached = _assemble([held[keys[i]] for i in indices.tolist()], batch.get("attention_mask"), indices.device)
         replaced = dict.fromkeys(self.blocks[: self.depth - 1], _pass_through)
         replaced[self.blocks[self.depth - 1]] = lambda hidden_states, *args, **kwargs: cached.to(hidden_states.dtype)
@@ -211,7 +211,12 @@ _STATES: dict[tuple, dict[bytes, torch.Tensor]] = {}
 methods and seeds on the same data and backbone (a benchmark's) compute their shared frozen blocks once."""
 _ROW_KEYS: dict[tuple, list[bytes]] = {}
 """Each row's sample key, by (dataset fingerprint, preprocessing)."""
-STORE_LIMIT = 2**29  # floats held (2 GiB) past which the next dataset prepared starts the store afresh
+STORE_LIMIT = 2**29  # floats held (2 GiB) past which the next dataset with states to compute starts the store afresh
+
+
+def _rows_key(dataset: Dataset, collate: Collate) -> tuple:
+    """What `_ROW_KEYS` files a dataset's row keys under."""
+    return (dataset._fingerprint, _inputs_key(collate))
 
 
 def _sample_keys(batch: dict[str, torch.Tensor]) -> list[bytes]:
