@@ -8,11 +8,15 @@
 Every (suite, setting, seed) is one `sdlora-cil` process that runs all its methods, written to
 OUTDIR/<suite>/<setting>/seed_<s>/; one process shares the frozen blocks' cached states between its methods, and a
 run cut short keeps what finished (`--resume`). Methods asked for after a run finished run on their own, in
-seed_<s>.1/ (then .2, ...); what is already on disk is never run again. The search budget is the same for every
-adapted method: each runs at every setting of `SETTINGS` (learning rates of the adapters and of the head) under every
-head of `HEADS`; the frozen-backbone methods, with nothing to tune but their head, run once ("frozen") with every
-head. The summary (OUTDIR/ACCURACY.md) gives each method at its best setting and at the shared default, the headroom
-(joint training minus the best frozen method) and the best SD-LoRA pipeline against the best frozen method.
+seed_<s>.1/ (then .2, ...); what is already on disk is never run again. The per-seed folders are local state; the
+merged OUTDIR/<suite>/<setting>/results.json is what the repository keeps, and its runs count as done too, so a fresh
+clone adds methods or seeds to the committed table without running the others again.
+
+The search budget is the same for every adapted method: each runs at every setting of `SETTINGS` (learning rates of the
+adapters and of the head) under every head of `HEADS`; the frozen-backbone methods, with nothing to tune but their
+head, run once ("frozen") with every head. The summary (OUTDIR/ACCURACY.md) gives each method at its best setting and
+at the shared default, the headroom (joint training minus the best frozen method) and the best SD-LoRA pipeline against
+the best frozen method.
 
 The best setting is chosen by the mean final accuracy over the seeds run, on the test split, in the same way for
 every method: the numbers at the best setting are optimistic for all of them alike; the default-setting numbers are
@@ -81,12 +85,19 @@ def _sdlora_cil(target: Path, command: list[str]) -> None:
                        stderr=subprocess.STDOUT)  # fmt: skip
 
 
+def last_merge(folder: Path) -> dict:
+    """The merged results.json under `folder` (a suite and setting) as the last merge wrote it; {} if none."""
+    merged = folder / "results.json"
+    return json.loads(merged.read_text()) if merged.exists() else {}
+
+
 def run_one(suite: str, setting: str, seed: int, output: Path, quick: bool, methods: list[str]) -> None:
     """Run the entries of one setting and seed that no earlier run of it holds, in one `sdlora-cil` process.
 
     A run cut short is resumed first. Entries asked for later (a method added to the table) get a run folder of
     their own beside the earlier ones, and the merge joins them; nothing already run is run again."""
-    done: set[str] = set()
+    merged = last_merge(output / suite / setting).get("methods", {})
+    done = {name for name, summary in merged.items() if any(run["seed"] == seed for run in summary["runs"])}
     part = 0
     while (target := run_dir(output, suite, setting, seed, part)).joinpath("config.json").exists():
         if not (target / "results.json").exists():
@@ -99,8 +110,17 @@ def run_one(suite: str, setting: str, seed: int, output: Path, quick: bool, meth
 
 
 def merge_runs(folder: Path) -> dict | None:
-    """One results dict from the per-seed runs under `folder` (a suite and setting); None if there are none."""
+    """One results dict from the per-seed runs under `folder` (a suite and setting) and the runs of the last merge
+    whose seed folders are gone (a fresh clone); a seed folder's run wins over the merged copy. None if neither."""
     parts = [json.loads(path.read_text()) for path in sorted(folder.glob("seed_*/results.json"))]
+    on_disk = {(name, run["seed"]) for part in parts for name, summary in part["methods"].items()
+               for run in summary["runs"]}  # fmt: skip
+    last = last_merge(folder)
+    kept = {name: {"runs": runs} for name, summary in last.get("methods", {}).items()
+            if (runs := [run for run in summary["runs"] if (name, run["seed"]) not in on_disk])}  # fmt: skip
+    if kept:
+        seeds = sorted({run["seed"] for summary in kept.values() for run in summary["runs"]})
+        parts.insert(0, {"config": {**last["config"], "seeds": ",".join(map(str, seeds))}, "methods": kept})
     return merge_results(parts) if parts else None
 
 

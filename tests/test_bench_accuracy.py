@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from pathlib import Path
 
 from sdlora_peft.continual.metrics import incremental_accuracies, summarize
@@ -87,3 +88,32 @@ def test_a_method_added_later_runs_beside_the_earlier_run(tmp_path, monkeypatch)
     bench.main(["--quick", "--suites", "digits", "--settings", "slow", "--seeds", "0", "--methods",
                 "sdlora,lora-merge", "--output", str(tmp_path)])  # fmt: skip
     assert not bench.run_dir(tmp_path, "digits", "slow", 0, part=2).exists()  # nothing left to run
+
+
+def test_a_fresh_clone_adds_a_method_to_the_committed_table_without_running_the_others(tmp_path, monkeypatch):
+    """Only the merged results.json is committed: with no seed folders, its runs count as done and stay in the
+    merge beside a method run now; a seed folder's own run wins over the merged copy of the same method and seed."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench = importlib.import_module("bench_accuracy")
+    for seed in (0, 1):
+        finals = {f"sdlora@{head}": 70.0 + seed for head in bench.HEADS}
+        _write_run(bench.run_dir(tmp_path, "digits", "slow", seed), seed, finals)
+    bench.main(["--merge-only", "--output", str(tmp_path)])
+    for seed in (0, 1):  # what a fresh clone lacks
+        shutil.rmtree(bench.run_dir(tmp_path, "digits", "slow", seed))
+
+    bench.main(["--quick", "--suites", "digits", "--settings", "slow", "--seeds", "0", "--methods",
+                "sdlora,lora-merge", "--output", str(tmp_path)])  # fmt: skip
+
+    added = json.loads((bench.run_dir(tmp_path, "digits", "slow", 0) / "results.json").read_text())
+    assert sorted(added["methods"]) == sorted(f"lora-merge@{head}" for head in bench.HEADS)
+    merged = json.loads((tmp_path / "digits" / "slow" / "results.json").read_text())
+    sdlora = merged["methods"][f"sdlora@{bench.HEADS[0]}"]
+    assert [run["seed"] for run in sdlora["runs"]] == [0, 1] and sdlora["final_accuracy"]["mean"] == 70.5
+    assert [run["seed"] for run in merged["methods"][f"lora-merge@{bench.HEADS[0]}"]["runs"]] == [0]
+    assert merged["config"]["seeds"] == "0,1"
+
+    _write_run(bench.run_dir(tmp_path, "digits", "slow", 1), 1, {f"sdlora@{h}": 80.0 for h in bench.HEADS})
+    bench.main(["--merge-only", "--output", str(tmp_path)])
+    rerun = json.loads((tmp_path / "digits" / "slow" / "results.json").read_text())["methods"]
+    assert rerun[f"sdlora@{bench.HEADS[0]}"]["final_accuracy"]["mean"] == 75.0  # seed 1 from its folder: 80
