@@ -184,7 +184,8 @@ def suite_summary(suite: str, by_setting: dict[str, dict]) -> list[str]:
 
 
 def summary_markdown(merged: dict[tuple[str, str], dict], command: str) -> str:
-    lines = ["# Class-incremental accuracy", "", f"Command: `{command}`", ""]
+    origin = f"Last written by `{command}`, from every run here; the README lists the commands that ran them."
+    lines = ["# Class-incremental accuracy", "", origin, ""]
     suites: dict[str, dict[str, dict]] = {}
     for (suite, setting), results in merged.items():
         suites.setdefault(suite, {})[setting] = results
