@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 11, section 4: SD-LoRA's magnitudes at freeze ("preserve": the update's norm; "normalized": 1, the norm kept
 # in the frozen scale) and a learning rate of their own, on bench_accuracy.py's mnist suite (both settings) and its
-# banking77 suite (the default, slow setting; 42 optimizer steps a task against mnist's 9), 3 seeds. One sdlora-cil
-# process per variant; the "preserve" rows at the shared rate are bench_accuracy's own runs.
+# banking77 suite (42 optimizer steps a task against mnist's 9), 3 seeds; and old magnitudes held fixed (the paper's
+# ablation-fixed) on banking77 at both rates. One sdlora-cil process per variant (later options win); the "preserve"
+# rows at the shared rate are bench_accuracy's own runs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 COMMON=(--epochs 3 --batch-size 32 --seeds 0,1,2 --methods sdlora@aligned-sdc,sdlora@ranpac)
@@ -12,6 +13,7 @@ BANKING77=(--model minilm --max-length 32 --dropout 0 --layers 4,5 --dataset ban
            --max-train-per-class 40)
 SLOW=(--lr 1e-4 --head-lr 1e-3)
 FAST=(--lr 1e-3 --head-lr 1e-2)
+FIXED=(--methods ablation-fixed@aligned-sdc,ablation-fixed@ranpac)
 run() {  # name, options...
   local name=$1; shift
   local out=benchmarks/magnitudes/$name
@@ -24,3 +26,5 @@ run slow-normalized                   "${MNIST[@]}" "${SLOW[@]}" --freeze-scale 
 run slow-normalized-mlr1e-2           "${MNIST[@]}" "${SLOW[@]}" --freeze-scale normalized --magnitude-lr 1e-2
 run banking77-slow-normalized         "${BANKING77[@]}" "${SLOW[@]}" --freeze-scale normalized
 run banking77-slow-normalized-mlr1e-2 "${BANKING77[@]}" "${SLOW[@]}" --freeze-scale normalized --magnitude-lr 1e-2
+run banking77-slow-fixed             "${BANKING77[@]}" "${SLOW[@]}" "${FIXED[@]}"
+run banking77-fast-fixed             "${BANKING77[@]}" "${FAST[@]}" "${FIXED[@]}"
