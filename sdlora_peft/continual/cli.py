@@ -40,7 +40,7 @@ from .protocols import PROTOCOLS, apply_protocol, steps_preserving_batch
 from .runs import csv_list, optional_csv
 from .train import OPTIMIZERS, TrainSettings, run_sequence
 
-DEFAULT_HEAD = "ranpac"  # the best SD-LoRA pipeline measured (README, "Measured accuracy")
+DEFAULT_HEAD = "ranpac"  # SD-LoRA's best head on most reduced suites (README, "Measured accuracy")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
