@@ -3,7 +3,8 @@
 # frozen MiniLM's RanPAC head is the bar (97.2 / 93.3 measured on them; the targets are 97.7 / 93.8). The suite's
 # options of bench_accuracy.py without --max-train-per-class, under the RanPAC head (the best head of the methods
 # below on the reduced sets), each adapted method at both of bench_accuracy's rates; the frozen heads at the slow one;
-# SD-LoRA and InfLoRA also under aligned-sdc at the slow rate, the other head of the reduced table. Seed 0.
+# SD-LoRA and InfLoRA also under aligned-sdc at the slow rate, the other head of the reduced table. Seed 0, and seed 1
+# for the frozen RanPAC head and the two best adapted runs of seed 0 (later options win over COMMON's).
 # Usage: run.sh banking77|clinc150 (one sdlora-cil process a run folder; a run cut short resumes).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,3 +23,4 @@ run() {  # name, options...
 run "$1-slow" --lr 1e-4 --head-lr 1e-3 --methods "ncm@ranpac,ncm@lda,linear@aligned,$ADAPTED"
 run "$1-fast" --lr 1e-3 --head-lr 1e-2 --methods "$ADAPTED"
 run "$1-slow-aligned" --lr 1e-4 --head-lr 1e-3 --methods sdlora@aligned-sdc,inflora@aligned-sdc
+run "$1-fast-seed1" --lr 1e-3 --head-lr 1e-2 --seeds 1 --methods ncm@ranpac,sdlora-fsa@ranpac,inflora@ranpac
