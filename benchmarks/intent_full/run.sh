@@ -15,11 +15,8 @@ case ${1:?banking77 or clinc150} in
 esac
 COMMON=(--model minilm --max-length 32 --dropout 0 --layers 4,5 --epochs 3 --batch-size 32 --seeds 0 "${SUITE[@]}")
 ADAPTED=sdlora@ranpac,sdlora-fsa@ranpac,inflora@ranpac,joint@ranpac
-run() {  # name, options...
-  local out=benchmarks/intent_full/$1; shift
-  [ -f "$out/results.json" ] && return 0
-  if [ -f "$out/config.json" ]; then .venv/bin/sdlora-cil --resume "$out"; else .venv/bin/sdlora-cil "${COMMON[@]}" "$@" --output "$out"; fi
-}
+source benchmarks/study.sh
+run() { run_study "benchmarks/intent_full/$1" "${COMMON[@]}" "${@:2}"; }  # name, options...
 run "$1-slow" --lr 1e-4 --head-lr 1e-3 --methods "ncm@ranpac,ncm@lda,linear@aligned,$ADAPTED"
 run "$1-fast" --lr 1e-3 --head-lr 1e-2 --methods "$ADAPTED"
 run "$1-slow-aligned" --lr 1e-4 --head-lr 1e-3 --methods sdlora@aligned-sdc,inflora@aligned-sdc

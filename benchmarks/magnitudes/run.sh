@@ -14,12 +14,8 @@ BANKING77=(--model minilm --max-length 32 --dropout 0 --layers 4,5 --dataset ban
 SLOW=(--lr 1e-4 --head-lr 1e-3)
 FAST=(--lr 1e-3 --head-lr 1e-2)
 FIXED=(--methods ablation-fixed@aligned-sdc,ablation-fixed@ranpac)
-run() {  # name, options...
-  local name=$1; shift
-  local out=benchmarks/magnitudes/$name
-  [ -f "$out/results.json" ] && return 0
-  if [ -f "$out/config.json" ]; then .venv/bin/sdlora-cil --resume "$out"; else .venv/bin/sdlora-cil "${COMMON[@]}" "$@" --output "$out"; fi
-}
+source benchmarks/study.sh
+run() { run_study "benchmarks/magnitudes/$1" "${COMMON[@]}" "${@:2}"; }  # name, options...
 run fast-normalized                   "${MNIST[@]}" "${FAST[@]}" --freeze-scale normalized
 run fast-normalized-mlr1e-2           "${MNIST[@]}" "${FAST[@]}" --freeze-scale normalized --magnitude-lr 1e-2
 run slow-normalized                   "${MNIST[@]}" "${SLOW[@]}" --freeze-scale normalized

@@ -7,9 +7,7 @@
 # task ended at 50% training accuracy); 1e-3 for the adapters and the head.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out=benchmarks/paper/mnist
-[ -f "$out/results.json" ] && exit 0
-if [ -f "$out/config.json" ]; then exec .venv/bin/sdlora-cil --resume "$out"; fi
-exec .venv/bin/sdlora-cil --protocol paper --model dinov2-small --image-size 56 --layers 8,9,10,11 --dataset mnist \
+source benchmarks/study.sh
+run_study benchmarks/paper/mnist --protocol paper --model dinov2-small --image-size 56 --layers 8,9,10,11 --dataset mnist \
   --lr 1e-3 --head-lr 1e-3 --num-tasks 5 --max-train-per-class 40 --max-test-per-class 200 --seeds 0,1,2 \
-  --methods sdlora,inflora,olora,lora-seq,ablation-single,ablation-first,ablation-fixed --output "$out"
+  --methods sdlora,inflora,olora,lora-seq,ablation-single,ablation-first,ablation-fixed
